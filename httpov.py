@@ -1,0 +1,3938 @@
+#!/usr/bin/env python3
+"""httpov: a distributed POV-Ray render farm in one file.
+
+One central server hands out work over HTTP. Any number of workers fetch it,
+run POV-Ray and send the pictures back. A job is a POV-Ray scene with its
+includes (a folder, a .zip, or one .pov/.ini file). The server splits it into
+tasks: ranges of animation frames, or horizontal slices of a frame, or both.
+It stitches slices into whole frames and hands out finished PNGs.
+
+Needs only Python 3.6 or newer and POV-Ray 3.7. The server also needs the
+``sqlite3`` module, which is imported only when serving.
+
+Commands: ``serve``, ``token``, ``work``, ``submit``, ``status``, ``fetch``,
+``job`` and ``render`` (an embedded server plus local workers in one
+process). Run ``python3 httpov.py COMMAND --help`` for the options.
+
+Task life cycle
+    queued -> leased -> done, or leased -> queued again when the worker
+    reports a failure, releases the task or stops renewing its lease, until
+    the task runs out of attempts and becomes failed (and so does its job).
+    A lease belongs to one attempt, which has a random id and a deadline on
+    the server's clock. Claiming a task is one SQLite write transaction, so
+    no task is leased twice at once. Heartbeats and results name their
+    attempt, and the server answers 409 to an attempt that is no longer
+    current. A result is accepted only after its PNGs have been checked.
+
+Storage
+    The data folder holds ``httpov.sqlite3`` (WAL mode), ``tokens.json``,
+    job archives under ``archives/<sha256>.zip``, finished frames under
+    ``frames/<job>/`` and slices waiting to be stitched under ``slices/``.
+    Every file is written to ``tmp/`` first and renamed into place.
+
+Security model
+    ``serve`` creates two random tokens on first start. The admin token
+    submits and controls jobs and opens the status page. The worker token
+    only claims tasks, downloads archives and delivers results. Every API
+    call without a valid token gets 401. The status page takes the admin
+    token once in its query string and then uses an HttpOnly cookie, which
+    is accepted for reading only. Archives are checked before they are
+    stored or unpacked (no absolute paths, no "..", no links, size and
+    file-count limits), and no name from a request becomes a path on disk
+    unchecked. A scene is a program that POV-Ray 3.7 does not confine, so
+    run workers as a user that owns no secrets.
+
+Sections of this file, in the order data flows through them
+    1. Constants and errors
+    2. POV-Ray settings: INI files and command-line options
+    3. Jobs: archives, scenes and task splitting
+    4. Images: PNG and PPM reading, writing, cropping and stitching
+    5. Storage: the SQLite schema and every query
+    6. HTTP server: the JSON API and the status page
+    7. HTTP client, shared by the worker and the CLI
+    8. Worker: running POV-Ray
+    9. Command line
+"""
+
+import argparse
+import collections
+import hashlib
+import hmac
+import html
+import http.client
+import http.server
+import io
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import socketserver
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import zipfile
+import zlib
+
+__version__ = "0.1.0"
+
+
+# ===========================================================================
+# 1. Constants and errors
+# ===========================================================================
+
+DEFAULT_PORT = 8080
+DEFAULT_LEASE_SECONDS = 120
+DEFAULT_MAX_ATTEMPTS = 3
+IDLE_POLL_SECONDS = 2.0           # how long a worker waits when idle
+MAX_IDLE_POLL_SECONDS = 10.0      # cap of the idle wait
+RETRY_MIN_SECONDS = 1.0           # first wait after a network error
+RETRY_MAX_SECONDS = 60.0          # cap of the exponential backoff
+HOUSEKEEPING_SECONDS = 2.0        # how often the server expires leases
+SQLITE_BUSY_SECONDS = 10.0        # wait for a database lock, then 503
+
+MAX_JOB_BYTES = 1 << 30           # 1 GiB: one uploaded job archive
+MAX_RESULT_BYTES = 2 << 30        # 2 GiB: one task's result upload
+MAX_JSON_BYTES = 1 << 20          # 1 MiB: any JSON request body
+MAX_UNPACKED_BYTES = 4 << 30      # 4 GiB: a job archive once unpacked
+MAX_ARCHIVE_FILES = 10000         # files in one job archive
+MAX_COMPRESSION_RATIO = 200       # unpacked/packed size that means a bomb
+MAX_IMAGE_SIDE = 32768            # pixels: width or height of a frame
+MAX_FRAMES = 1000000              # frames in one job
+MAX_TASKS = 2000000               # tasks in one job
+MAX_LOG_BYTES = 64 * 1024         # tail of POV-Ray's output kept per task
+MAX_POVRAY_OPTIONS = 100          # POV-Ray options given at submit
+HTTP_TIMEOUT_SECONDS = 60         # socket timeout of server and client
+COPY_CHUNK_BYTES = 1 << 20        # 1 MiB: streaming buffer size
+
+TOKEN_BYTES = 32
+SESSION_COOKIE = "httpov_session"
+
+log = logging.getLogger("httpov")
+server_log = logging.getLogger("httpov.server")
+worker_log = logging.getLogger("httpov.worker")
+client_log = logging.getLogger("httpov.client")
+
+
+class UserError(Exception):
+    """Invalid input from a person or a client, with a message for them."""
+
+    status = 400
+
+
+class NotFound(UserError):
+    status = 404
+
+
+class Conflict(UserError):
+    """A request that no longer fits the state, such as a stale attempt."""
+
+    status = 409
+
+
+class TooLarge(UserError):
+    status = 413
+
+
+class Unauthorized(UserError):
+    status = 401
+
+
+class MethodNotAllowed(UserError):
+    status = 405
+
+
+class LengthRequired(UserError):
+    status = 411
+
+
+def parse_int(text, what, minimum=None, maximum=None):
+    """Parse a whole number or raise UserError naming ``what``."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise UserError("invalid %s %r: expected a whole number"
+                        % (what, text))
+    if minimum is not None and value < minimum:
+        raise UserError("invalid %s %d: must be at least %d"
+                        % (what, value, minimum))
+    if maximum is not None and value > maximum:
+        raise UserError("invalid %s %d: must be at most %d"
+                        % (what, value, maximum))
+    return value
+
+
+def parse_frame_range(text):
+    """Parse ``FIRST-LAST`` or ``N`` into a (first, last) pair."""
+    match = re.match(r"^\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?$", str(text))
+    if not match:
+        raise UserError("invalid frame range %r: expected FIRST-LAST, "
+                        "for example 1-24" % (text,))
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if last < first:
+        raise UserError("invalid frame range %r: the last frame comes "
+                        "before the first" % (text,))
+    return first, last
+
+
+def write_file_atomically(path, data):
+    """Write bytes to ``path`` through a temporary file and a rename."""
+    folder = os.path.dirname(path) or "."
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "wb") as temp_file:
+            temp_file.write(data)
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        remove_quietly(temp_path)
+        raise
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def sha256_of_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for chunk in iter(lambda: source.read(COPY_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ===========================================================================
+# 2. POV-Ray settings: INI files and command-line options
+# ===========================================================================
+#
+# The server reads only the settings that shape the work: image size,
+# animation, output depth and alpha, render block size and the scene file.
+# Everything else (quality, antialiasing, declares) is passed through to
+# POV-Ray untouched: the worker runs the job's INI, then the submit
+# options, then its own options, and POV-Ray lets later options win.
+
+# INI keys (lower case) and command-line switches (upper case, longest
+# prefix first) mapped onto setting names.
+INI_KEYS = {
+    "width": "width",
+    "height": "height",
+    "input_file_name": "input_file",
+    "output_file_name": "output_file",
+    "initial_frame": "initial_frame",
+    "final_frame": "final_frame",
+    "initial_clock": "initial_clock",
+    "final_clock": "final_clock",
+    "subset_start_frame": "subset_start",
+    "subset_end_frame": "subset_end",
+    "cyclic_animation": "cyclic",
+    "output_file_type": "file_type",
+    "bits_per_color": "depth",
+    "output_alpha": "alpha",
+    "render_block_size": "block_size",
+    "start_row": "start_row",
+    "end_row": "end_row",
+    "start_column": "start_column",
+    "end_column": "end_column",
+    "include_header": "include_header",
+}
+
+SWITCHES = [
+    ("KFI", "initial_frame"), ("KFF", "final_frame"),
+    ("KI", "initial_clock"), ("KF", "final_clock"), ("KC", "cyclic"),
+    ("SF", "subset_start"), ("EF", "subset_end"),
+    ("SR", "start_row"), ("ER", "end_row"),
+    ("SC", "start_column"), ("EC", "end_column"),
+    ("UA", "alpha"), ("BS", "block_size"), ("HI", "include_header"),
+    ("W", "width"), ("H", "height"), ("I", "input_file"),
+    ("O", "output_file"), ("F", "file_type"),
+]
+
+# Settings that only the worker may set, because the farm chooses them.
+FARM_SETTINGS = {
+    "output_file": "the farm names the output files",
+    "subset_start": "use the job option --frames FIRST-LAST",
+    "subset_end": "use the job option --frames FIRST-LAST",
+    "start_row": "use the job options --slices or --rows-per-slice",
+    "end_row": "use the job options --slices or --rows-per-slice",
+    "start_column": "partial columns are not supported",
+    "end_column": "partial columns are not supported",
+}
+
+# INI keys that make POV-Ray run shell commands.
+SHELL_KEYS = {
+    "pre_scene_command", "pre_frame_command", "post_scene_command",
+    "post_frame_command", "user_abort_command", "fatal_error_command",
+}
+
+TRUE_WORDS = {"on", "true", "yes", "1"}
+FALSE_WORDS = {"off", "false", "no", "0"}
+
+
+def parse_switch(word):
+    """Split one POV-Ray switch such as ``+W640`` into (setting, value).
+
+    Returns (None, None) for switches the farm passes through unread.
+    A boolean switch returns True for ``+`` and False for ``-``.
+    """
+    sign, body = word[0], word[1:]
+    upper = body.upper()
+    for prefix, setting in SWITCHES:
+        if not upper.startswith(prefix):
+            continue
+        rest = body[len(prefix):]
+        if setting in ("cyclic", "alpha"):
+            if rest:
+                continue
+            return setting, sign == "+"
+        if setting == "file_type":
+            return setting, rest
+        if setting in ("input_file", "output_file", "include_header"):
+            return setting, rest
+        if rest == "" or not re.match(r"^[0-9.eE+-]+$", rest):
+            # ``+H`` alone toggles nothing we read, and ``+HT...`` or
+            # ``+KFX`` are other switches with the same first letters.
+            continue
+        return setting, rest
+    return None, None
+
+
+def read_ini_text(text, source="INI"):
+    """Parse POV-Ray INI text into a list of (setting, value) pairs.
+
+    Like POV-Ray called without a section name, this reads the lines
+    before the first ``[section]`` label. Lines may hold ``Key=Value``
+    pairs or switches, and ``;`` starts a comment. Unknown keys are kept
+    as (None, line) so that callers can see them; shell-command keys
+    raise UserError.
+    """
+    pairs = []
+    for number, raw_line in enumerate(text.splitlines(), 1):
+        line = raw_line.split(";", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            break
+        if "=" in line and not line[0] in "+-":
+            key, _, value = line.partition("=")
+            key = key.strip().lower()
+            value = value.strip().strip('"')
+            if key in SHELL_KEYS:
+                raise UserError("%s line %d: %s runs a shell command, "
+                                "which the farm does not allow; remove it"
+                                % (source, number, key.title()))
+            pairs.append((INI_KEYS.get(key), value))
+            continue
+        for word in line.split():
+            if word[0] in "+-" and len(word) > 1:
+                pairs.append(parse_switch(word))
+            elif word.lower().endswith(".pov"):
+                pairs.append(("input_file", word))
+            else:
+                raise UserError("%s line %d: %r is neither a setting nor "
+                                "a switch (nested INI files are not "
+                                "supported)" % (source, number, word))
+    return pairs
+
+
+def read_povray_options(options):
+    """Check the POV-Ray options given at submit; return (setting, value).
+
+    Options are switches (``+W640``) or ``Key=Value`` pairs, as on
+    POV-Ray's command line.
+    """
+    if len(options) > MAX_POVRAY_OPTIONS:
+        raise UserError("too many POV-Ray options (%d, at most %d)"
+                        % (len(options), MAX_POVRAY_OPTIONS))
+    pairs = []
+    for option in options:
+        if not isinstance(option, str) or not option.strip():
+            raise UserError("invalid POV-Ray option %r" % (option,))
+        if "\n" in option or "\r" in option or "\0" in option:
+            raise UserError("invalid POV-Ray option %r: it contains a "
+                            "line break or NUL" % (option,))
+        if option[0] in "+-" and len(option) > 1:
+            pairs.append(parse_switch(option))
+        elif "=" in option:
+            pairs.extend(read_ini_text(option, "POV-Ray option"))
+        else:
+            raise UserError("invalid POV-Ray option %r: expected a switch "
+                            "such as +W640 or a Key=Value setting"
+                            % (option,))
+    for setting, value in pairs:
+        if setting in FARM_SETTINGS:
+            raise UserError("POV-Ray option for %s is set by the farm: %s"
+                            % (setting.replace("_", " "),
+                               FARM_SETTINGS[setting]))
+        if setting == "include_header":
+            raise UserError("POV-Ray option +HI is not supported; "
+                            "#include the file from the scene instead")
+    return pairs
+
+
+def parse_bool(value, what):
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise UserError("invalid %s %r: expected on or off" % (what, value))
+
+
+def parse_number(value, what):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError("invalid %s %r: expected a number" % (what, value))
+
+
+def parse_whole(value, what):
+    """Parse a whole number that POV-Ray may write as ``640.0``."""
+    number = parse_number(value, what)
+    if number != int(number):
+        raise UserError("invalid %s %r: expected a whole number"
+                        % (what, value))
+    return int(number)
+
+
+def resolve_settings(pairs):
+    """Fold (setting, value) pairs, later ones winning, into job settings.
+
+    Returns a dict with width, height, animated, initial_frame,
+    final_frame, subset_start, subset_end, cyclic, depth, alpha,
+    block_size and input_file, with POV-Ray 3.7's defaults filled in.
+    """
+    raw = {}
+    for setting, value in pairs:
+        if setting is not None:
+            raw[setting] = value
+    for setting in ("start_row", "end_row", "start_column", "end_column"):
+        if setting in raw:
+            raise UserError("the INI sets %s, which the farm chooses "
+                            "itself: %s; remove it"
+                            % (setting.replace("_", " ").title(),
+                               FARM_SETTINGS[setting]))
+
+    settings = {
+        "width": parse_whole(raw.get("width", 800), "width"),
+        "height": parse_whole(raw.get("height", 600), "height"),
+        "input_file": raw.get("input_file") or None,
+        "cyclic": parse_bool(raw.get("cyclic", False), "Cyclic_Animation"),
+        "alpha": parse_bool(raw.get("alpha", False), "Output_Alpha"),
+        "block_size": parse_whole(raw.get("block_size", 32),
+                                  "Render_Block_Size"),
+    }
+    for side in ("width", "height"):
+        if not 1 <= settings[side] <= MAX_IMAGE_SIDE:
+            raise UserError("invalid %s %d: must be 1 to %d pixels"
+                            % (side, settings[side], MAX_IMAGE_SIDE))
+    if settings["block_size"] < 1:
+        raise UserError("invalid Render_Block_Size %d: must be at least 1"
+                        % settings["block_size"])
+
+    depth = 8
+    file_type = str(raw.get("file_type", ""))
+    type_depth = re.sub(r"^[A-Za-z]", "", file_type)
+    if "depth" in raw:
+        depth = parse_whole(raw["depth"], "Bits_Per_Color")
+    if type_depth:
+        depth = parse_whole(type_depth, "output file depth")
+    if not 1 <= depth <= 16:
+        raise UserError("invalid Bits_Per_Color %d: must be 1 to 16"
+                        % depth)
+    settings["depth"] = 16 if depth > 8 else 8
+
+    initial = parse_whole(raw.get("initial_frame", 1), "Initial_Frame")
+    animated = "final_frame" in raw
+    final = parse_whole(raw.get("final_frame", initial), "Final_Frame")
+    if final < initial:
+        raise UserError("invalid animation: Final_Frame %d comes before "
+                        "Initial_Frame %d" % (final, initial))
+    if final - initial + 1 > MAX_FRAMES:
+        raise UserError("animation of %d frames is too long (at most %d)"
+                        % (final - initial + 1, MAX_FRAMES))
+    settings.update(animated=animated, initial_frame=initial,
+                    final_frame=final)
+    settings["initial_clock"] = parse_number(
+        raw.get("initial_clock", 0), "Initial_Clock")
+    settings["final_clock"] = parse_number(
+        raw.get("final_clock", 1), "Final_Clock")
+    for name in ("subset_start", "subset_end"):
+        if name in raw:
+            settings[name] = parse_whole(raw[name], name.replace("_", " "))
+    return settings
+
+
+# ===========================================================================
+# 3. Jobs: archives, scenes and task splitting
+# ===========================================================================
+
+JOB_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+SCENE_SUFFIXES = (".pov", ".ini")
+
+
+def safe_file_name(name, fallback="job"):
+    """Turn a job name into a file name of letters, digits, ``.-_``."""
+    cleaned = JOB_NAME_CHARS.sub("_", name).strip("._")[:64]
+    return cleaned or fallback
+
+
+def check_member_name(name):
+    """Raise UserError unless ``name`` is a safe relative archive path."""
+    if not name or "\0" in name:
+        raise UserError("archive member with an empty or NUL name")
+    if "\\" in name:
+        raise UserError("archive member %r uses backslashes; make the "
+                        "archive with forward slashes" % name)
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise UserError("archive member %r has an absolute path" % name)
+    parts = name.rstrip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise UserError("archive member %r has an empty, '.' or '..' "
+                        "path component" % name)
+
+
+def inspect_archive(path):
+    """Check a job archive and return its layout.
+
+    Returns a dict with ``root`` (the folder inside the archive that acts
+    as the job folder, "" for the top), ``files`` (paths relative to the
+    root) and ``unpacked_bytes``. Raises UserError for anything unsafe:
+    absolute or ``..`` paths, links, device files, duplicate names,
+    encrypted members, too many files, too many bytes or a compression
+    ratio that marks a zip bomb.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError("job archive is not a valid zip file (%s)" % error)
+    with archive:
+        members = archive.infolist()
+        if len(members) > MAX_ARCHIVE_FILES:
+            raise UserError("job archive has %d members, more than the "
+                            "limit of %d" % (len(members), MAX_ARCHIVE_FILES))
+        seen = set()
+        files = []
+        unpacked = 0
+        packed = 0
+        for member in members:
+            name = member.filename
+            check_member_name(name)
+            mode = member.external_attr >> 16
+            file_type = stat.S_IFMT(mode)
+            if file_type and file_type not in (stat.S_IFREG, stat.S_IFDIR):
+                kind = "a symbolic link" if stat.S_ISLNK(mode) else \
+                    "a device, pipe or socket"
+                raise UserError("archive member %r is %s; only regular "
+                                "files and folders are allowed"
+                                % (name, kind))
+            if member.flag_bits & 0x1:
+                raise UserError("archive member %r is encrypted" % name)
+            key = name.rstrip("/").lower()
+            if key in seen:
+                raise UserError("archive holds %r twice (names are "
+                                "compared without case)" % name)
+            seen.add(key)
+            if name.endswith("/"):
+                continue
+            files.append(name)
+            unpacked += member.file_size
+            packed += member.compress_size
+        if unpacked > MAX_UNPACKED_BYTES:
+            raise TooLarge("job archive unpacks to %d bytes, more than the "
+                           "limit of %d" % (unpacked, MAX_UNPACKED_BYTES))
+        if unpacked > COPY_CHUNK_BYTES and \
+                unpacked > MAX_COMPRESSION_RATIO * max(packed, 1):
+            raise UserError("job archive unpacks to %d bytes from %d: a "
+                            "compression ratio over %d looks like a zip "
+                            "bomb" % (unpacked, packed,
+                                      MAX_COMPRESSION_RATIO))
+        file_keys = {name.lower() for name in files}
+        for name in files:
+            for parent in parent_folders(name):
+                if parent.lower() in file_keys:
+                    raise UserError("archive holds %r both as a file and "
+                                    "as a folder" % parent)
+    if not files:
+        raise UserError("job archive is empty")
+
+    root = ""
+    tops = {name.split("/", 1)[0] for name in files}
+    if len(tops) == 1 and all("/" in name for name in files):
+        root = tops.pop() + "/"
+    return {
+        "root": root,
+        "files": sorted(name[len(root):] for name in files),
+        "unpacked_bytes": unpacked,
+    }
+
+
+def parent_folders(name):
+    parts = name.split("/")[:-1]
+    return ["/".join(parts[:index]) for index in range(1, len(parts) + 1)]
+
+
+def read_archive_text(path, member):
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(member)
+    if len(data) > MAX_JSON_BYTES:
+        raise UserError("%s is too large for an INI file" % member)
+    return data.decode("utf-8", "replace")
+
+
+def choose_scene(layout, requested=None):
+    """Pick the job's INI and/or scene file from the archive layout.
+
+    Returns (ini, pov): paths relative to the job folder, either may be
+    None. ``requested`` is the job option --scene.
+    """
+    files = layout["files"]
+    top_level = [name for name in files if "/" not in name]
+    if requested:
+        if requested not in files:
+            raise UserError("scene %r not found in the job (files: %s)"
+                            % (requested, ", ".join(top_level[:20])))
+        if requested.lower().endswith(".ini"):
+            return requested, None
+        if requested.lower().endswith(".pov"):
+            return None, requested
+        raise UserError("scene %r is neither a .pov nor an .ini file"
+                        % requested)
+    inis = [name for name in top_level if name.lower().endswith(".ini")]
+    povs = [name for name in top_level if name.lower().endswith(".pov")]
+    inis = [name for name in inis if name.lower() != "povray.ini"] or inis
+    if len(inis) == 1:
+        return inis[0], None
+    if "pov.ini" in inis:
+        return "pov.ini", None
+    if len(inis) > 1:
+        raise UserError("the job has several INI files (%s); choose one "
+                        "with --scene" % ", ".join(inis))
+    if len(povs) == 1:
+        return None, povs[0]
+    if povs:
+        raise UserError("the job has several scene files (%s) and no INI; "
+                        "choose one with --scene" % ", ".join(povs))
+    raise UserError("the job holds no .ini or .pov file at its top level "
+                    "(files: %s)" % ", ".join(files[:20]))
+
+
+def plan_slices(height, block_size, slices=None, rows_per_slice=None):
+    """Split ``height`` rows into slices; return [(first, last), ...].
+
+    Rows are 1-based and inclusive, as POV-Ray counts them. Every slice
+    starts at row 1 + k * block_size, because POV-Ray lays out its
+    antialiasing blocks from the top of the render area and only slices
+    aligned to them match a full render byte for byte. A slice has at
+    least two rows, so that no end row is 1, which POV-Ray would read as
+    the fraction 1.0 (all rows).
+    """
+    if slices is not None:
+        wanted = -(-height // max(int(slices), 1))
+    elif rows_per_slice is not None:
+        wanted = int(rows_per_slice)
+    else:
+        return [(1, height)]
+    rows = -(-max(wanted, 2) // block_size) * block_size
+    rows = max(rows, 2)
+    return [(first, min(first + rows - 1, height))
+            for first in range(1, height + 1, rows)]
+
+
+def plan_tasks(first_frame, last_frame, row_ranges, frames_per_task):
+    """Yield (frame_first, frame_last, row_first, row_last) for each task.
+
+    Sliced jobs get one task per slice of each frame, frames in order and
+    slices top to bottom. Other jobs get runs of ``frames_per_task``.
+    """
+    if len(row_ranges) > 1:
+        for frame in range(first_frame, last_frame + 1):
+            for row_first, row_last in row_ranges:
+                yield frame, frame, row_first, row_last
+        return
+    row_first, row_last = row_ranges[0]
+    step = max(int(frames_per_task), 1)
+    for start in range(first_frame, last_frame + 1, step):
+        yield start, min(start + step - 1, last_frame), row_first, row_last
+
+
+def prepare_job(archive_path, options):
+    """Read a checked archive and the submit options into a job plan.
+
+    Returns a dict with everything the database stores about the job.
+    ``options`` holds name, frames, slices, rows_per_slice,
+    frames_per_task, max_workers, priority, scene and povray_options.
+    """
+    layout = inspect_archive(archive_path)
+    ini, pov = choose_scene(layout, options.get("scene"))
+    pairs = []
+    if ini:
+        text = read_archive_text(archive_path, layout["root"] + ini)
+        pairs.extend(read_ini_text(text, ini))
+    povray_options = list(options.get("povray_options") or [])
+    pairs.extend(read_povray_options(povray_options))
+    settings = resolve_settings(pairs)
+
+    input_file = pov or settings["input_file"]
+    if not input_file:
+        povs = [name for name in layout["files"]
+                if "/" not in name and name.lower().endswith(".pov")]
+        if len(povs) != 1:
+            raise UserError("%s names no Input_File_Name and the job does "
+                            "not hold exactly one .pov file; add "
+                            "Input_File_Name to the INI" % ini)
+        input_file = povs[0]
+    input_file = input_file.replace("\\", "/")
+    if input_file.startswith("./"):
+        input_file = input_file[2:]
+    check_member_name(input_file)
+    if input_file not in layout["files"] and \
+            input_file + ".pov" in layout["files"]:
+        input_file += ".pov"
+    if input_file not in layout["files"]:
+        raise UserError("scene file %r not found in the job (files: %s)"
+                        % (input_file, ", ".join(layout["files"][:20])))
+    settings["input_file"] = input_file
+
+    if settings["animated"]:
+        first = settings.get("subset_start", settings["initial_frame"])
+        last = settings.get("subset_end", settings["final_frame"])
+        if options.get("frames"):
+            first, last = parse_frame_range(options["frames"])
+        if first < settings["initial_frame"] or \
+                last > settings["final_frame"] or last < first:
+            raise UserError(
+                "invalid frames %d-%d: the animation has frames %d-%d"
+                % (first, last, settings["initial_frame"],
+                   settings["final_frame"]))
+    else:
+        if options.get("frames"):
+            raise UserError("--frames given, but the scene is not an "
+                            "animation; set Final_Frame in the INI or "
+                            "pass +KFF<n> after --")
+        first = last = 0
+
+    slices = options.get("slices")
+    rows_per_slice = options.get("rows_per_slice")
+    if slices is not None and rows_per_slice is not None:
+        raise UserError("give --slices or --rows-per-slice, not both")
+    if slices is not None:
+        slices = parse_int(slices, "slices", 1, settings["height"])
+    if rows_per_slice is not None:
+        rows_per_slice = parse_int(rows_per_slice, "rows per slice", 1,
+                                   MAX_IMAGE_SIDE)
+    row_ranges = plan_slices(settings["height"], settings["block_size"],
+                             slices, rows_per_slice)
+    frames_per_task = parse_int(options.get("frames_per_task") or 1,
+                                "frames per task", 1, MAX_FRAMES)
+    task_count = (last - first + 1) * len(row_ranges)
+    if len(row_ranges) == 1:
+        task_count = -(-(last - first + 1) // frames_per_task)
+    if task_count > MAX_TASKS:
+        raise UserError("job would have %d tasks, more than the limit of "
+                        "%d; use fewer slices or more frames per task"
+                        % (task_count, MAX_TASKS))
+
+    name = str(options.get("name") or "").strip()
+    if not name:
+        name = os.path.splitext(os.path.basename(
+            (ini or input_file).rstrip("/")))[0]
+    if len(name) > 200 or any(ord(char) < 32 for char in name):
+        raise UserError("invalid job name %r: at most 200 characters and "
+                        "no control characters" % name[:60])
+    return {
+        "name": name,
+        "root": layout["root"],
+        "ini": ini,
+        "settings": settings,
+        "povray_options": povray_options,
+        "first_frame": first,
+        "last_frame": last,
+        "row_ranges": row_ranges,
+        "sliced": len(row_ranges) > 1,
+        "frames_per_task": frames_per_task,
+        "task_count": task_count,
+        "priority": parse_int(options.get("priority") or 0, "priority",
+                              -1000000, 1000000),
+        "max_workers": parse_int(options.get("max_workers") or 0,
+                                 "max workers", 0, 1000000),
+    }
+
+
+def frame_file_name(job_name, frame, settings):
+    """Return the file name under which ``fetch`` saves a frame."""
+    base = safe_file_name(job_name)
+    if not settings["animated"]:
+        return base + ".png"
+    digits = len(str(settings["final_frame"] + int(settings["cyclic"])))
+    return "%s_%0*d.png" % (base, digits, frame)
+
+
+# ===========================================================================
+# 4. Images: PNG and PPM reading, writing, cropping and stitching
+# ===========================================================================
+#
+# POV-Ray writes a partial render as a full-size image whose rows outside
+# the requested range are black, so a slice is cut to its rows on the
+# worker (or on the server, for uploads that were not cut) and stored as a
+# PNG of exactly those rows. Stitching then needs no pixel decoding: each
+# PNG row is a filter byte plus filtered bytes that depend only on the row
+# itself and the row above. Only the first row of each slice refers to a
+# row of another image, so that one row is re-filtered and every other row
+# is copied through zlib as it is.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}    # colour type -> samples/pixel
+PNG_KEPT_CHUNKS = (b"gAMA", b"sRGB", b"cHRM", b"iCCP", b"sBIT")
+PNG_MAX_CHUNK_BYTES = 1 << 31
+PNG_IDAT_BYTES = 1 << 16                    # size of the IDATs we write
+ZLIB_LEVEL = 6
+
+
+class ImageInfo(collections.namedtuple(
+        "ImageInfo", "width height depth color_type")):
+    """Size and sample format of a PNG or PPM image."""
+
+    @property
+    def channels(self):
+        return PNG_CHANNELS[self.color_type]
+
+    @property
+    def row_bytes(self):
+        return self.width * self.channels * self.depth // 8
+
+    @property
+    def pixel_bytes(self):
+        return max(1, self.channels * self.depth // 8)
+
+    def describe(self):
+        kinds = {0: "grey", 2: "RGB", 4: "grey+alpha", 6: "RGBA"}
+        return "%dx%d %s %d-bit" % (self.width, self.height,
+                                    kinds[self.color_type], self.depth)
+
+
+class ImageError(UserError):
+    """An image that cannot be decoded or does not have the right shape."""
+
+
+def iter_png_chunks(stream):
+    """Yield (type, data) for each chunk, checking CRCs.
+
+    IDAT chunks are yielded in pieces of at most COPY_CHUNK_BYTES, so
+    memory stays bounded whatever size the encoder chose for them.
+    """
+    if stream.read(8) != PNG_SIGNATURE:
+        raise ImageError("not a PNG file (bad signature)")
+    while True:
+        header = stream.read(8)
+        if len(header) < 8:
+            raise ImageError("PNG file is truncated (no IEND chunk)")
+        length, kind = struct.unpack(">I4s", header)
+        if length >= PNG_MAX_CHUNK_BYTES:
+            raise ImageError("PNG chunk length %d is invalid" % length)
+        crc = zlib.crc32(kind)
+        left = length
+        pieces = []
+        while True:
+            piece = stream.read(min(left, COPY_CHUNK_BYTES))
+            if len(piece) < min(left, COPY_CHUNK_BYTES):
+                raise ImageError("PNG file is truncated in a %r chunk"
+                                 % kind.decode("latin-1"))
+            crc = zlib.crc32(piece, crc)
+            left -= len(piece)
+            if kind == b"IDAT":
+                if piece:
+                    yield kind, piece
+            else:
+                pieces.append(piece)
+            if left == 0:
+                break
+        stored_crc = stream.read(4)
+        if len(stored_crc) < 4 or \
+                struct.unpack(">I", stored_crc)[0] != crc & 0xffffffff:
+            raise ImageError("PNG chunk %r has a bad CRC"
+                             % kind.decode("latin-1"))
+        if kind != b"IDAT":
+            yield kind, b"".join(pieces)
+        if kind == b"IEND":
+            return
+
+
+def parse_ihdr(data):
+    if len(data) != 13:
+        raise ImageError("PNG IHDR chunk has the wrong length")
+    width, height, depth, color_type, compression, filtering, interlace = \
+        struct.unpack(">IIBBBBB", data)
+    if color_type not in PNG_CHANNELS or depth not in (8, 16):
+        raise ImageError("PNG colour type %d at depth %d is not supported "
+                         "(only 8- or 16-bit grey, RGB and RGBA)"
+                         % (color_type, depth))
+    if compression != 0 or filtering != 0:
+        raise ImageError("PNG uses an unknown compression or filter method")
+    if interlace != 0:
+        raise ImageError("interlaced PNGs are not supported")
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise ImageError("PNG size %dx%d is out of range" % (width, height))
+    return ImageInfo(width, height, depth, color_type)
+
+
+def iter_png_scanlines(path):
+    """Yield the image info, then (filter type, filtered row) per row.
+
+    Raises ImageError for anything that does not decode to exactly the
+    rows the header promises.
+    """
+    with open(path, "rb") as stream:
+        chunks = iter_png_chunks(stream)
+        kind, data = next(chunks)
+        if kind != b"IHDR":
+            raise ImageError("PNG does not start with an IHDR chunk")
+        info = parse_ihdr(data)
+        extra = []
+        line_bytes = info.row_bytes + 1
+        inflater = zlib.decompressobj()
+        buffer = bytearray()
+        rows = 0
+        seen_idat = False
+        ended = False
+        for kind, data in chunks:
+            if kind == b"IDAT":
+                if ended:
+                    raise ImageError("PNG has IDAT chunks after its end")
+                if not seen_idat:
+                    yield info, extra
+                    seen_idat = True
+                pending = data
+                while pending:
+                    try:
+                        buffer += inflater.decompress(pending,
+                                                      COPY_CHUNK_BYTES)
+                    except zlib.error as error:
+                        raise ImageError("PNG image data is corrupt (%s)"
+                                         % error)
+                    pending = inflater.unconsumed_tail
+                    while len(buffer) >= line_bytes:
+                        if rows == info.height:
+                            raise ImageError("PNG holds more rows than its "
+                                             "height of %d" % info.height)
+                        filter_type = buffer[0]
+                        if filter_type > 4:
+                            raise ImageError("PNG row %d has invalid filter "
+                                             "type %d" % (rows + 1,
+                                                          filter_type))
+                        yield filter_type, bytes(buffer[1:line_bytes])
+                        del buffer[:line_bytes]
+                        rows += 1
+                if inflater.eof:
+                    ended = True
+            elif kind in PNG_KEPT_CHUNKS and not seen_idat:
+                extra.append((kind, data))
+        if not seen_idat:
+            raise ImageError("PNG has no image data")
+        if rows != info.height or buffer or not inflater.eof:
+            raise ImageError("PNG image data is truncated: %d of %d rows"
+                             % (rows, info.height))
+
+
+def read_png_scanlines(path):
+    """Return (info, extra chunks, scanline iterator) for a PNG file."""
+    scanlines = iter_png_scanlines(path)
+    info, extra = next(scanlines)
+    return info, extra, scanlines
+
+
+def unfilter_row(filter_type, line, prior, pixel_bytes):
+    """Undo one PNG row filter; ``prior`` is the unfiltered row above."""
+    if filter_type == 0:
+        return line
+    if filter_type == 2:
+        if not any(line):
+            return prior
+        return bytes([(x + b) & 255 for x, b in zip(line, prior)])
+    row = bytearray(line)
+    count = len(row)
+    if filter_type == 1:
+        for i in range(pixel_bytes, count):
+            row[i] = (row[i] + row[i - pixel_bytes]) & 255
+    elif filter_type == 3:
+        for i in range(pixel_bytes):
+            row[i] = (row[i] + (prior[i] >> 1)) & 255
+        for i in range(pixel_bytes, count):
+            row[i] = (row[i] + ((row[i - pixel_bytes] + prior[i]) >> 1)) \
+                & 255
+    else:
+        for i in range(pixel_bytes):
+            row[i] = (row[i] + prior[i]) & 255
+        for i in range(pixel_bytes, count):
+            left = row[i - pixel_bytes]
+            above = prior[i]
+            corner = prior[i - pixel_bytes]
+            estimate = left + above - corner
+            to_left = abs(estimate - left)
+            to_above = abs(estimate - above)
+            to_corner = abs(estimate - corner)
+            if to_left <= to_above and to_left <= to_corner:
+                predictor = left
+            elif to_above <= to_corner:
+                predictor = above
+            else:
+                predictor = corner
+            row[i] = (row[i] + predictor) & 255
+    return bytes(row)
+
+
+def iter_png_rows(path):
+    """Yield the image info, then every unfiltered row as bytes."""
+    info, extra, scanlines = read_png_scanlines(path)
+    yield info, extra
+    prior = bytes(info.row_bytes)
+    zero_row = prior
+    for filter_type, line in scanlines:
+        if line == zero_row and prior == zero_row:
+            row = zero_row
+        else:
+            row = unfilter_row(filter_type, line, prior, info.pixel_bytes)
+        yield row
+        prior = row
+
+
+def png_chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data +
+            struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff))
+
+
+def write_png(path, info, scanlines, extra=()):
+    """Write a PNG from an iterable of (filter type, filtered row).
+
+    The file is written to a temporary name beside ``path`` and renamed,
+    so a half-written PNG is never visible.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-",
+                                         suffix=".png")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(PNG_SIGNATURE)
+            out.write(png_chunk(b"IHDR", struct.pack(
+                ">IIBBBBB", info.width, info.height, info.depth,
+                info.color_type, 0, 0, 0)))
+            for kind, data in extra:
+                out.write(png_chunk(kind, data))
+            deflater = zlib.compressobj(ZLIB_LEVEL)
+            pending = bytearray()
+            rows = 0
+            for filter_type, line in scanlines:
+                if len(line) != info.row_bytes:
+                    raise ImageError("row %d has %d bytes, expected %d"
+                                     % (rows + 1, len(line), info.row_bytes))
+                pending += deflater.compress(bytes([filter_type]) + line)
+                rows += 1
+                while len(pending) >= PNG_IDAT_BYTES:
+                    out.write(png_chunk(b"IDAT",
+                                        bytes(pending[:PNG_IDAT_BYTES])))
+                    del pending[:PNG_IDAT_BYTES]
+            if rows != info.height:
+                raise ImageError("image has %d rows, expected %d"
+                                 % (rows, info.height))
+            pending += deflater.flush()
+            for start in range(0, len(pending), PNG_IDAT_BYTES):
+                out.write(png_chunk(
+                    b"IDAT", bytes(pending[start:start + PNG_IDAT_BYTES])))
+            out.write(png_chunk(b"IEND", b""))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        remove_quietly(temp_path)
+        raise
+
+
+def check_png(path, width=None, height=None):
+    """Decode a PNG's structure and check its size; return its info."""
+    info, _, scanlines = read_png_scanlines(path)
+    if width is not None and (info.width, info.height) != (width, height):
+        raise ImageError("image is %dx%d, expected %dx%d"
+                         % (info.width, info.height, width, height))
+    for _ in scanlines:
+        pass
+    return info
+
+
+def crop_png(source, target, first_row, last_row):
+    """Write rows ``first_row``..``last_row`` (1-based) of a PNG to target.
+
+    Returns the cropped image's info. Rows below ``last_row`` are never
+    decompressed.
+    """
+    rows = iter_png_rows(source)
+    info, extra = next(rows)
+    if not 1 <= first_row <= last_row <= info.height:
+        raise ImageError("rows %d-%d are outside the image's %d rows"
+                         % (first_row, last_row, info.height))
+    cropped = info._replace(height=last_row - first_row + 1)
+
+    def wanted_rows():
+        for number, row in enumerate(rows, 1):
+            if number > last_row:
+                break
+            if number >= first_row:
+                yield 0, row
+
+    write_png(target, cropped, wanted_rows(), extra)
+    rows.close()
+    return cropped
+
+
+def first_row_filter(filter_type, line, pixel_bytes):
+    """Re-filter a slice's first row so it no longer uses the row above.
+
+    In the slice's own PNG the row above was all zeros. With a zero row
+    above, Up is the same as None and Paeth the same as Sub, and Average
+    has to be undone.
+    """
+    if filter_type == 2:
+        return 0, line
+    if filter_type == 4:
+        return 1, line
+    if filter_type == 3:
+        return 0, unfilter_row(3, line, bytes(len(line)), pixel_bytes)
+    return filter_type, line
+
+
+def stitch_pngs(target, slice_paths, width, height):
+    """Stack the PNGs of a frame's slices, top to bottom, into one PNG.
+
+    Each slice holds exactly its own rows. All slices must share width,
+    depth and colour type, and their heights must add up to ``height``.
+    Memory is bounded by one zlib buffer, whatever the image size.
+    """
+    infos = []
+    for path in slice_paths:
+        scanlines = iter_png_scanlines(path)
+        infos.append(next(scanlines)[0])
+        scanlines.close()
+    first = infos[0]
+    for path, info in zip(slice_paths, infos):
+        if (info.width, info.depth, info.color_type) != \
+                (width, first.depth, first.color_type):
+            raise ImageError("slice %s is %s, expected width %d like %s"
+                             % (os.path.basename(path), info.describe(),
+                                width, first.describe()))
+    total = sum(info.height for info in infos)
+    if total != height:
+        raise ImageError("slices hold %d rows, the frame has %d"
+                         % (total, height))
+    _, extra, _ = read_png_scanlines(slice_paths[0])
+
+    def all_scanlines():
+        for path in slice_paths:
+            _, _, scanlines = read_png_scanlines(path)
+            for number, (filter_type, line) in enumerate(scanlines):
+                if number == 0:
+                    filter_type, line = first_row_filter(
+                        filter_type, line, first.pixel_bytes)
+                yield filter_type, line
+
+    write_png(target, first._replace(height=height), all_scanlines(), extra)
+
+
+def read_ppm_header(stream):
+    """Read a binary PPM (P6) header; return its ImageInfo.
+
+    The header is ``P6``, then width, height and maxval separated by
+    white space, with ``#`` comments allowed between them, then exactly
+    one white-space byte before the pixels.
+    """
+    if stream.read(2) != b"P6":
+        raise ImageError("not a binary PPM file (P6)")
+    fields = []
+    byte = stream.read(1)
+    while len(fields) < 3:
+        if not byte:
+            raise ImageError("PPM header is truncated")
+        if byte == b"#":
+            while byte not in (b"\n", b"\r", b""):
+                byte = stream.read(1)
+        elif byte.isspace():
+            byte = stream.read(1)
+        elif byte.isdigit():
+            digits = b""
+            while byte.isdigit():
+                digits += byte
+                byte = stream.read(1)
+                if len(digits) > 10:
+                    raise ImageError("PPM header number is too long")
+            fields.append(int(digits))
+        else:
+            raise ImageError("PPM header has an invalid byte %r" % byte)
+    if not byte.isspace():
+        raise ImageError("PPM header does not end in white space")
+    width, height, maxval = fields
+    if maxval not in (255, 65535):
+        raise ImageError("PPM maxval %d is not supported (255 or 65535)"
+                         % maxval)
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise ImageError("PPM size %dx%d is out of range" % (width, height))
+    return ImageInfo(width, height, 8 if maxval == 255 else 16, 2)
+
+
+def ppm_to_png(source, target, first_row=1, last_row=None):
+    """Convert rows ``first_row``..``last_row`` of a PPM file to a PNG."""
+    with open(source, "rb") as stream:
+        info = read_ppm_header(stream)
+        last_row = info.height if last_row is None else last_row
+        if not 1 <= first_row <= last_row <= info.height:
+            raise ImageError("rows %d-%d are outside the image's %d rows"
+                             % (first_row, last_row, info.height))
+        stream.seek((first_row - 1) * info.row_bytes, io.SEEK_CUR)
+        cropped = info._replace(height=last_row - first_row + 1)
+
+        def rows():
+            for number in range(cropped.height):
+                row = stream.read(info.row_bytes)
+                if len(row) != info.row_bytes:
+                    raise ImageError("PPM pixel data is truncated at row "
+                                     "%d" % (first_row + number))
+                yield 0, row
+
+        write_png(target, cropped, rows())
+    return cropped
+
+
+# ===========================================================================
+# 5. Storage: the SQLite schema and every query
+# ===========================================================================
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,            -- queued running paused done failed
+                                    -- cancelled
+    priority INTEGER NOT NULL DEFAULT 0,
+    max_workers INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    archive TEXT NOT NULL,          -- SHA-256 of the job archive
+    root TEXT NOT NULL,             -- job folder inside the archive
+    ini TEXT,
+    settings TEXT NOT NULL,         -- JSON, see resolve_settings()
+    povray_options TEXT NOT NULL,   -- JSON list of submit options
+    first_frame INTEGER NOT NULL,
+    last_frame INTEGER NOT NULL,
+    row_ranges TEXT NOT NULL,       -- JSON list of [first, last] rows
+    task_count INTEGER NOT NULL,
+    tasks_done INTEGER NOT NULL DEFAULT 0,
+    frame_count INTEGER NOT NULL,
+    frames_done INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    frame_first INTEGER NOT NULL,
+    frame_last INTEGER NOT NULL,
+    row_first INTEGER NOT NULL,
+    row_last INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',   -- queued leased done failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    attempt TEXT,                   -- id of the current or accepted attempt
+    worker_id INTEGER,
+    lease_until REAL,               -- server clock, seconds since epoch
+    progress REAL NOT NULL DEFAULT 0,
+    failed_worker INTEGER,          -- worker whose attempt failed last
+    started REAL,
+    finished REAL,
+    error TEXT,
+    log TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (job_id, state, seq);
+CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (state, lease_until);
+CREATE INDEX IF NOT EXISTS tasks_frame ON tasks (job_id, frame_first);
+CREATE TABLE IF NOT EXISTS frames (
+    job_id INTEGER NOT NULL,
+    frame INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, frame)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS workers (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    host TEXT NOT NULL,
+    registered REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    task_id INTEGER,
+    tasks_done INTEGER NOT NULL DEFAULT 0,
+    render_seconds REAL NOT NULL DEFAULT 0
+);
+"""
+
+ACTIVE_JOB_STATES = ("queued", "running")
+FINAL_JOB_STATES = ("done", "failed", "cancelled")
+
+
+class DatabaseBusy(Exception):
+    """The database stayed locked longer than SQLITE_BUSY_SECONDS."""
+
+
+class Database:
+    """The server's SQLite database; the only place that runs SQL.
+
+    Each thread gets its own connection. Writes run in ``BEGIN
+    IMMEDIATE`` transactions, so two claims never pick the same task.
+    """
+
+    def __init__(self, path):
+        import sqlite3     # imported here: workers must run without it
+        self.sqlite3 = sqlite3
+        self.path = path
+        self.local = threading.local()
+        connection = self.connection()
+        connection.executescript(SCHEMA)
+        check = connection.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise RuntimeError("database %s failed its integrity check: %s"
+                               % (path, check))
+        connection.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+            (str(SCHEMA_VERSION),))
+
+    def connection(self):
+        connection = getattr(self.local, "connection", None)
+        if connection is None:
+            connection = self.sqlite3.connect(
+                self.path, timeout=SQLITE_BUSY_SECONDS,
+                isolation_level=None)
+            connection.row_factory = self.sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            self.local.connection = connection
+        return connection
+
+    def transaction(self):
+        return Transaction(self)
+
+    def query(self, sql, parameters=()):
+        try:
+            return self.connection().execute(sql, parameters).fetchall()
+        except self.sqlite3.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                raise DatabaseBusy(str(error))
+            raise
+
+    def query_one(self, sql, parameters=()):
+        rows = self.query(sql, parameters)
+        return rows[0] if rows else None
+
+    # -- jobs ---------------------------------------------------------------
+
+    def create_job(self, plan, archive_sha, max_attempts, now):
+        settings = plan["settings"]
+        frame_count = plan["last_frame"] - plan["first_frame"] + 1
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO jobs (name, state, priority, max_workers,"
+                " max_attempts, archive, root, ini, settings,"
+                " povray_options, first_frame, last_frame, row_ranges,"
+                " task_count, frame_count, created)"
+                " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?)",
+                (plan["name"], plan["priority"], plan["max_workers"],
+                 max_attempts, archive_sha, plan["root"], plan["ini"],
+                 json.dumps(settings), json.dumps(plan["povray_options"]),
+                 plan["first_frame"], plan["last_frame"],
+                 json.dumps(plan["row_ranges"]), plan["task_count"],
+                 frame_count, now))
+            job_id = cursor.lastrowid
+            tasks = plan_tasks(plan["first_frame"], plan["last_frame"],
+                               plan["row_ranges"], plan["frames_per_task"])
+            db.executemany(
+                "INSERT INTO tasks (job_id, seq, frame_first, frame_last,"
+                " row_first, row_last) VALUES (?, ?, ?, ?, ?, ?)",
+                ((job_id, seq) + task for seq, task in enumerate(tasks)))
+            db.executemany(
+                "INSERT INTO frames (job_id, frame) VALUES (?, ?)",
+                ((job_id, frame) for frame in
+                 range(plan["first_frame"], plan["last_frame"] + 1)))
+        return job_id
+
+    def job(self, job_id):
+        row = self.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if row is None:
+            raise NotFound("job %s not found" % job_id)
+        return row
+
+    def jobs(self):
+        return self.query("SELECT * FROM jobs ORDER BY id")
+
+    def task_counts(self, job_id):
+        rows = self.query("SELECT state, COUNT(*) AS n FROM tasks"
+                          " WHERE job_id = ? GROUP BY state", (job_id,))
+        counts = {"queued": 0, "leased": 0, "done": 0, "failed": 0}
+        counts.update((row["state"], row["n"]) for row in rows)
+        return counts
+
+    def tasks(self, job_id, states=None, limit=1000):
+        if states:
+            marks = ",".join("?" * len(states))
+            return self.query(
+                "SELECT * FROM tasks WHERE job_id = ? AND state IN (%s)"
+                " ORDER BY seq LIMIT ?" % marks,
+                (job_id,) + tuple(states) + (limit,))
+        return self.query("SELECT * FROM tasks WHERE job_id = ?"
+                          " ORDER BY seq LIMIT ?", (job_id, limit))
+
+    def task(self, task_id):
+        row = self.query_one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        if row is None:
+            raise NotFound("task %s not found" % task_id)
+        return row
+
+    def done_frames(self, job_id):
+        return [row["frame"] for row in self.query(
+            "SELECT frame FROM frames WHERE job_id = ? AND done = 1"
+            " ORDER BY frame", (job_id,))]
+
+    def frame_done(self, job_id, frame):
+        row = self.query_one("SELECT done FROM frames WHERE job_id = ?"
+                             " AND frame = ?", (job_id, frame))
+        return bool(row and row["done"])
+
+    def archive_in_use(self, archive_sha):
+        return self.query_one("SELECT 1 FROM jobs WHERE archive = ?",
+                              (archive_sha,)) is not None
+
+    def update_job(self, job_id, priority=None, max_workers=None):
+        with self.transaction() as db:
+            self._job_for_update(db, job_id)
+            if priority is not None:
+                db.execute("UPDATE jobs SET priority = ? WHERE id = ?",
+                           (priority, job_id))
+            if max_workers is not None:
+                db.execute("UPDATE jobs SET max_workers = ? WHERE id = ?",
+                           (max_workers, job_id))
+
+    def _job_for_update(self, db, job_id):
+        row = db.execute("SELECT * FROM jobs WHERE id = ?",
+                         (job_id,)).fetchone()
+        if row is None:
+            raise NotFound("job %s not found" % job_id)
+        return row
+
+    def control_job(self, job_id, action, now):
+        """Apply pause, resume, cancel or retry; return the new state."""
+        with self.transaction() as db:
+            job = self._job_for_update(db, job_id)
+            state = job["state"]
+            if action == "pause":
+                if state not in ACTIVE_JOB_STATES:
+                    raise Conflict("job %d is %s and cannot be paused"
+                                   % (job_id, state))
+                state = "paused"
+            elif action == "resume":
+                if state != "paused":
+                    raise Conflict("job %d is %s, not paused"
+                                   % (job_id, state))
+                state = "running" if job["started"] else "queued"
+            elif action == "cancel":
+                if state in FINAL_JOB_STATES:
+                    raise Conflict("job %d is already %s" % (job_id, state))
+                # Leased tasks keep their lease: the next heartbeat tells
+                # each worker to stop, and the worker releases the task.
+                state = "cancelled"
+            elif action == "retry":
+                if state not in ("failed", "cancelled") and \
+                        not self._has_failed_tasks(db, job_id):
+                    raise Conflict("job %d is %s and has no failed tasks"
+                                   % (job_id, state))
+                db.execute("UPDATE tasks SET state = 'queued', attempts = 0,"
+                           " attempt = NULL, error = NULL"
+                           " WHERE job_id = ? AND state = 'failed'",
+                           (job_id,))
+                state = "running" if job["started"] else "queued"
+                db.execute("UPDATE jobs SET error = NULL, finished = NULL"
+                           " WHERE id = ?", (job_id,))
+            else:
+                raise UserError("unknown job action %r: expected pause, "
+                                "resume, cancel, retry or delete" % action)
+            if state in FINAL_JOB_STATES:
+                db.execute("UPDATE jobs SET state = ?, finished = ?"
+                           " WHERE id = ?", (state, now, job_id))
+            else:
+                db.execute("UPDATE jobs SET state = ? WHERE id = ?",
+                           (state, job_id))
+        return state
+
+    def _has_failed_tasks(self, db, job_id):
+        return db.execute("SELECT 1 FROM tasks WHERE job_id = ? AND"
+                          " state = 'failed' LIMIT 1",
+                          (job_id,)).fetchone() is not None
+
+    def delete_job(self, job_id):
+        with self.transaction() as db:
+            job = self._job_for_update(db, job_id)
+            db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM frames WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return job
+
+    # -- workers ------------------------------------------------------------
+
+    def register_worker(self, name, group, host, now):
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO workers (name, grp, host, registered,"
+                " last_seen) VALUES (?, ?, ?, ?, ?)",
+                (name, group, host, now, now))
+            return cursor.lastrowid
+
+    def worker(self, worker_id):
+        row = self.query_one("SELECT * FROM workers WHERE id = ?",
+                             (worker_id,))
+        if row is None:
+            raise NotFound("worker %s not found; register again"
+                           % worker_id)
+        return row
+
+    def workers(self):
+        return self.query("SELECT * FROM workers ORDER BY id")
+
+    # -- the task life cycle ------------------------------------------------
+
+    def expire_leases(self, now):
+        """Put tasks whose lease ran out back in the queue.
+
+        Returns the (task id, job id, worker id) of each expired lease.
+        A lease that expires counts as a failed attempt.
+        """
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, job_id, worker_id FROM tasks"
+                " WHERE state = 'leased' AND lease_until < ?",
+                (now,)).fetchall()
+            for row in rows:
+                self._end_attempt(db, row["id"], "lease expired (worker %s "
+                                  "stopped sending heartbeats)"
+                                  % row["worker_id"], None, now)
+        return [(row["id"], row["job_id"], row["worker_id"])
+                for row in rows]
+
+    def extend_leases(self, until):
+        """Give every running lease time until ``until`` (after restart)."""
+        with self.transaction() as db:
+            db.execute("UPDATE tasks SET lease_until = ?"
+                       " WHERE state = 'leased' AND lease_until < ?",
+                       (until, until))
+
+    def claim_task(self, worker_id, now, lease_seconds):
+        """Lease the next task to a worker; return (task, job) or None.
+
+        Jobs are tried by priority, highest first, then the job with the
+        fewest workers on it, then the oldest. A job whose max_workers
+        is reached is skipped. Within a job, tasks go in order, but a
+        task that failed on this worker goes to other workers first.
+        """
+        with self.transaction() as db:
+            self._worker_seen(db, worker_id, now)
+            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?",
+                       (worker_id,))
+            busy = dict(db.execute(
+                "SELECT job_id, COUNT(DISTINCT worker_id) FROM tasks"
+                " WHERE state = 'leased' GROUP BY job_id").fetchall())
+            jobs = db.execute(
+                "SELECT * FROM jobs WHERE state IN ('queued', 'running')"
+                " ORDER BY priority DESC, id").fetchall()
+            jobs.sort(key=lambda job: (-job["priority"],
+                                       busy.get(job["id"], 0), job["id"]))
+            for job in jobs:
+                if job["max_workers"] and \
+                        busy.get(job["id"], 0) >= job["max_workers"]:
+                    continue
+                task = db.execute(
+                    "SELECT * FROM tasks WHERE job_id = ? AND"
+                    " state = 'queued' AND (failed_worker IS NULL OR"
+                    " failed_worker != ?) ORDER BY seq LIMIT 1",
+                    (job["id"], worker_id)).fetchone()
+                if task is None:
+                    task = db.execute(
+                        "SELECT * FROM tasks WHERE job_id = ? AND"
+                        " state = 'queued' ORDER BY seq LIMIT 1",
+                        (job["id"],)).fetchone()
+                if task is None:
+                    continue
+                attempt = secrets.token_hex(16)
+                db.execute(
+                    "UPDATE tasks SET state = 'leased', attempt = ?,"
+                    " attempts = attempts + 1, worker_id = ?,"
+                    " lease_until = ?, progress = 0, started = ?"
+                    " WHERE id = ?",
+                    (attempt, worker_id, now + lease_seconds, now,
+                     task["id"]))
+                db.execute("UPDATE workers SET task_id = ? WHERE id = ?",
+                           (task["id"], worker_id))
+                if job["state"] == "queued":
+                    db.execute("UPDATE jobs SET state = 'running',"
+                               " started = ? WHERE id = ?", (now, job["id"]))
+                task = db.execute("SELECT * FROM tasks WHERE id = ?",
+                                  (task["id"],)).fetchone()
+                return task, job
+        return None
+
+    def _worker_seen(self, db, worker_id, now):
+        cursor = db.execute("UPDATE workers SET last_seen = ? WHERE id = ?",
+                            (now, worker_id))
+        if cursor.rowcount == 0:
+            raise NotFound("worker %s not found; register again"
+                           % worker_id)
+
+    def _current_task(self, db, task_id, attempt):
+        """Return the task if ``attempt`` holds its lease, else raise."""
+        task = db.execute("SELECT * FROM tasks WHERE id = ?",
+                          (task_id,)).fetchone()
+        if task is None:
+            raise Conflict("task %s no longer exists (its job was "
+                           "deleted)" % task_id)
+        if task["state"] != "leased" or task["attempt"] != attempt:
+            raise Conflict("attempt %s of task %s is no longer current; "
+                           "the task was given to another attempt"
+                           % (attempt, task_id))
+        return task
+
+    def heartbeat(self, task_id, attempt, worker_id, progress, now,
+                  lease_seconds):
+        """Renew a lease; return "continue" or "stop" (job not active)."""
+        with self.transaction() as db:
+            task = self._current_task(db, task_id, attempt)
+            self._worker_seen(db, worker_id, now)
+            db.execute("UPDATE tasks SET lease_until = ?, progress = ?"
+                       " WHERE id = ?",
+                       (now + lease_seconds, progress, task_id))
+            job = db.execute("SELECT state FROM jobs WHERE id = ?",
+                             (task["job_id"],)).fetchone()
+            if job["state"] in ACTIVE_JOB_STATES + ("paused",):
+                return "continue"
+            return "stop"
+
+    def accepted_attempt(self, task_id, attempt):
+        """Tell whether ``attempt`` is the accepted result of a task."""
+        row = self.query_one("SELECT state, attempt FROM tasks"
+                             " WHERE id = ?", (task_id,))
+        return bool(row and row["state"] == "done" and
+                    row["attempt"] == attempt)
+
+    def leased_task(self, task_id, attempt):
+        """Return (task, job) while ``attempt`` holds the lease."""
+        with self.transaction() as db:
+            task = self._current_task(db, task_id, attempt)
+            job = db.execute("SELECT * FROM jobs WHERE id = ?",
+                             (task["job_id"],)).fetchone()
+        if job["state"] not in ACTIVE_JOB_STATES + ("paused",):
+            raise Conflict("job %d is %s; the result is not needed"
+                           % (job["id"], job["state"]))
+        return task, job
+
+    def accept_result(self, task_id, attempt, log_text, now, place_files):
+        """Mark an attempt's result done, calling place_files() first.
+
+        ``place_files`` renames the checked result files into place. It
+        runs inside the write transaction, after the attempt was found
+        current, so an accepted result is never overwritten. Returns the
+        frames whose every task is now done.
+        """
+        with self.transaction() as db:
+            task = self._current_task(db, task_id, attempt)
+            job = db.execute("SELECT * FROM jobs WHERE id = ?",
+                             (task["job_id"],)).fetchone()
+            if job["state"] not in ACTIVE_JOB_STATES + ("paused",):
+                raise Conflict("job %d is %s; the result is not needed"
+                               % (job["id"], job["state"]))
+            place_files()
+            seconds = now - (task["started"] or now)
+            db.execute("UPDATE tasks SET state = 'done', finished = ?,"
+                       " lease_until = NULL, progress = 1, log = ?,"
+                       " error = NULL WHERE id = ?",
+                       (now, log_text, task_id))
+            db.execute("UPDATE workers SET tasks_done = tasks_done + 1,"
+                       " render_seconds = render_seconds + ?,"
+                       " task_id = NULL WHERE id = ?",
+                       (seconds, task["worker_id"]))
+            db.execute("UPDATE jobs SET tasks_done = tasks_done + 1"
+                       " WHERE id = ?", (job["id"],))
+            complete = []
+            for frame in range(task["frame_first"], task["frame_last"] + 1):
+                left = db.execute(
+                    "SELECT COUNT(*) FROM tasks WHERE job_id = ? AND"
+                    " frame_first <= ? AND frame_last >= ? AND"
+                    " state != 'done'", (job["id"], frame, frame)
+                ).fetchone()[0]
+                if left == 0:
+                    complete.append(frame)
+        return complete
+
+    def mark_frames_done(self, job_id, frames, now):
+        """Record frames whose final PNG is in place; finish the job."""
+        with self.transaction() as db:
+            for frame in frames:
+                cursor = db.execute(
+                    "UPDATE frames SET done = 1 WHERE job_id = ? AND"
+                    " frame = ? AND done = 0", (job_id, frame))
+                db.execute("UPDATE jobs SET frames_done = frames_done + ?"
+                           " WHERE id = ?", (cursor.rowcount, job_id))
+            job = db.execute("SELECT * FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
+            if job and job["frames_done"] == job["frame_count"] and \
+                    job["state"] not in FINAL_JOB_STATES:
+                db.execute("UPDATE jobs SET state = 'done', finished = ?"
+                           " WHERE id = ?", (now, job_id))
+                return True
+        return False
+
+    def frame_tasks(self, job_id, frame):
+        """Return the ids of a frame's slice tasks, top slice first."""
+        return [row["id"] for row in self.query(
+            "SELECT id FROM tasks WHERE job_id = ? AND frame_first = ?"
+            " ORDER BY row_first", (job_id, frame))]
+
+    def fail_job(self, job_id, message, now):
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'failed', error = ?,"
+                       " finished = ? WHERE id = ?",
+                       (message, now, job_id))
+
+    def unstitched_frames(self):
+        """Return (job id, frame) of frames whose tasks are all done but
+        whose final PNG was not recorded, as after a crash mid-stitch."""
+        return [(row["job_id"], row["frame"]) for row in self.query(
+            "SELECT f.job_id, f.frame FROM frames f"
+            " JOIN jobs j ON j.id = f.job_id"
+            " WHERE f.done = 0 AND j.state NOT IN ('cancelled')"
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE"
+            " t.job_id = f.job_id AND t.frame_first <= f.frame AND"
+            " t.frame_last >= f.frame AND t.state != 'done')")]
+
+    def fail_task(self, task_id, attempt, error, log_text, now):
+        """Record a failed attempt; return True if the job failed."""
+        with self.transaction() as db:
+            self._current_task(db, task_id, attempt)
+            return self._end_attempt(db, task_id, error, log_text, now)
+
+    def release_task(self, task_id, attempt):
+        """Give a task back without counting the attempt."""
+        with self.transaction() as db:
+            task = self._current_task(db, task_id, attempt)
+            db.execute("UPDATE tasks SET state = 'queued', attempt = NULL,"
+                       " attempts = MAX(attempts - 1, 0), worker_id = NULL,"
+                       " lease_until = NULL, progress = 0 WHERE id = ?",
+                       (task_id,))
+            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?",
+                       (task["worker_id"],))
+
+    def _end_attempt(self, db, task_id, error, log_text, now):
+        task = db.execute("SELECT * FROM tasks WHERE id = ?",
+                          (task_id,)).fetchone()
+        job = db.execute("SELECT * FROM jobs WHERE id = ?",
+                         (task["job_id"],)).fetchone()
+        db.execute("UPDATE workers SET task_id = NULL WHERE id = ?",
+                   (task["worker_id"],))
+        failed = task["attempts"] >= job["max_attempts"]
+        db.execute(
+            "UPDATE tasks SET state = ?, attempt = NULL, lease_until = NULL,"
+            " failed_worker = worker_id, worker_id = NULL, error = ?,"
+            " log = COALESCE(?, log), progress = 0, finished = ?"
+            " WHERE id = ?",
+            ("failed" if failed else "queued", error, log_text,
+             now if failed else None, task_id))
+        if failed and job["state"] not in FINAL_JOB_STATES:
+            message = ("task %d (frames %d-%d, rows %d-%d) failed %d times;"
+                       " last error on worker %s: %s"
+                       % (task_id, task["frame_first"], task["frame_last"],
+                          task["row_first"], task["row_last"],
+                          task["attempts"], task["worker_id"], error))
+            db.execute("UPDATE jobs SET state = 'failed', error = ?,"
+                       " finished = ? WHERE id = ?",
+                       (message, now, job["id"]))
+        return failed
+
+
+class Transaction:
+    """``with db.transaction() as connection:`` runs BEGIN IMMEDIATE."""
+
+    def __init__(self, database):
+        self.database = database
+
+    def __enter__(self):
+        self.connection = self.database.connection()
+        try:
+            self.connection.execute("BEGIN IMMEDIATE")
+        except self.database.sqlite3.OperationalError as error:
+            raise DatabaseBusy(str(error))
+        return self.connection
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            try:
+                self.connection.execute("COMMIT")
+            except self.database.sqlite3.OperationalError as error:
+                self.connection.execute("ROLLBACK")
+                raise DatabaseBusy(str(error))
+        else:
+            self.connection.execute("ROLLBACK")
+        return False
+
+
+# ===========================================================================
+# 6. HTTP server: the JSON API and the status page
+# ===========================================================================
+
+ARCHIVE_NAME = re.compile(r"^[0-9a-f]{64}$")
+JOB_OPTION_NAMES = ("name", "frames", "slices", "rows_per_slice",
+                    "frames_per_task", "max_workers", "priority", "scene")
+
+
+class Farm:
+    """The server's state and every API action, apart from HTTP."""
+
+    def __init__(self, data_dir, lease_seconds=DEFAULT_LEASE_SECONDS,
+                 max_attempts=DEFAULT_MAX_ATTEMPTS):
+        self.data_dir = os.path.abspath(data_dir)
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        for folder in ("archives", "frames", "slices", "tmp"):
+            os.makedirs(os.path.join(self.data_dir, folder), exist_ok=True)
+        for name in os.listdir(self.path("tmp")):
+            remove_tree_or_file(self.path("tmp", name))
+        self.tokens = load_or_create_tokens(self.data_dir)
+        self.session = hmac.new(self.tokens["admin"].encode(), b"session",
+                                hashlib.sha256).hexdigest()
+        self.db = Database(self.path("httpov.sqlite3"))
+        self.stopping = threading.Event()
+
+    def path(self, *parts):
+        return os.path.join(self.data_dir, *parts)
+
+    def temp_path(self, suffix=""):
+        handle, path = tempfile.mkstemp(dir=self.path("tmp"),
+                                        suffix=suffix)
+        os.close(handle)
+        return path
+
+    def frame_path(self, job_id, frame):
+        return self.path("frames", str(int(job_id)), "%d.png" % int(frame))
+
+    def slice_path(self, job_id, frame, task_id):
+        return self.path("slices", str(int(job_id)), str(int(frame)),
+                         "%d.png" % int(task_id))
+
+    # -- start-up and housekeeping -----------------------------------------
+
+    def recover(self):
+        """Bring the farm back to a consistent state after a restart.
+
+        Running leases get a grace period, so workers that kept
+        rendering while the server was down can still deliver, and
+        frames whose slices all arrived before a crash are stitched.
+        """
+        now = time.time()
+        self.db.extend_leases(now + self.lease_seconds)
+        for job_id, frame in self.db.unstitched_frames():
+            server_log.info("job %d frame %d: finishing after restart",
+                            job_id, frame)
+            self.finish_frames(self.db.job(job_id), [frame])
+
+    def housekeeping(self):
+        while not self.stopping.wait(HOUSEKEEPING_SECONDS):
+            try:
+                for task_id, job_id, worker_id in \
+                        self.db.expire_leases(time.time()):
+                    server_log.warning("job %d task %d: lease of worker %s "
+                                       "expired, task requeued",
+                                       job_id, task_id, worker_id)
+            except DatabaseBusy:
+                server_log.warning("housekeeping: database busy, "
+                                   "trying again later")
+            except Exception:
+                server_log.exception("housekeeping failed")
+
+    # -- jobs ---------------------------------------------------------------
+
+    def submit(self, upload_path, options):
+        """Check an uploaded archive and create a job; return its summary."""
+        plan = prepare_job(upload_path, options)
+        archive_sha = sha256_of_file(upload_path)
+        target = self.path("archives", archive_sha + ".zip")
+        if os.path.exists(target):
+            remove_quietly(upload_path)
+        else:
+            os.replace(upload_path, target)
+        job_id = self.db.create_job(plan, archive_sha, self.max_attempts,
+                                    time.time())
+        server_log.info("job %d %r submitted: %d frames, %d tasks",
+                        job_id, plan["name"],
+                        plan["last_frame"] - plan["first_frame"] + 1,
+                        plan["task_count"])
+        return self.job_summary(self.db.job(job_id))
+
+    def job_summary(self, job, detail=False):
+        counts = self.db.task_counts(job["id"])
+        settings = json.loads(job["settings"])
+        summary = {
+            "id": job["id"],
+            "name": job["name"],
+            "state": job["state"],
+            "priority": job["priority"],
+            "max_workers": job["max_workers"],
+            "width": settings["width"],
+            "height": settings["height"],
+            "animated": settings["animated"],
+            "first_frame": job["first_frame"],
+            "last_frame": job["last_frame"],
+            "frames": job["frame_count"],
+            "frames_done": job["frames_done"],
+            "slices_per_frame": len(json.loads(job["row_ranges"])),
+            "tasks": job["task_count"],
+            "tasks_done": counts["done"],
+            "tasks_running": counts["leased"],
+            "tasks_queued": counts["queued"],
+            "tasks_failed": counts["failed"],
+            "error": job["error"],
+            "created": job["created"],
+            "started": job["started"],
+            "finished": job["finished"],
+        }
+        if detail:
+            summary["settings"] = settings
+            summary["povray_options"] = json.loads(job["povray_options"])
+            summary["done_frames"] = self.db.done_frames(job["id"])
+            summary["frame_files"] = {
+                str(frame): frame_file_name(job["name"], frame, settings)
+                for frame in summary["done_frames"]}
+            summary["failed_tasks"] = [
+                self.task_summary(task)
+                for task in self.db.tasks(job["id"], ("failed",), 100)]
+            summary["running_tasks"] = [
+                self.task_summary(task)
+                for task in self.db.tasks(job["id"], ("leased",), 100)]
+        return summary
+
+    def task_summary(self, task, with_log=True):
+        summary = {key: task[key] for key in (
+            "id", "job_id", "state", "frame_first", "frame_last",
+            "row_first", "row_last", "attempts", "worker_id", "progress",
+            "error")}
+        if with_log:
+            summary["log"] = task["log"]
+        return summary
+
+    def control(self, job_id, action):
+        if action == "delete":
+            return self.delete(job_id)
+        state = self.db.control_job(job_id, action, time.time())
+        server_log.info("job %d: %s, now %s", job_id, action, state)
+        return {"id": job_id, "state": state}
+
+    def delete(self, job_id):
+        job = self.db.delete_job(job_id)
+        for folder in ("frames", "slices"):
+            shutil.rmtree(self.path(folder, str(int(job_id))),
+                          ignore_errors=True)
+        if not self.db.archive_in_use(job["archive"]):
+            remove_quietly(self.path("archives", job["archive"] + ".zip"))
+        server_log.info("job %d deleted", job_id)
+        return {"id": job_id, "state": "deleted"}
+
+    # -- workers and tasks --------------------------------------------------
+
+    def register(self, body):
+        name = str(body.get("name") or "worker")[:100]
+        group = str(body.get("group") or "")[:100]
+        host = str(body.get("host") or "")[:200]
+        worker_id = self.db.register_worker(name, group, host, time.time())
+        server_log.info("worker %d registered as %r (group %r, host %r)",
+                        worker_id, name, group, host)
+        return {"worker": worker_id, "lease_seconds": self.lease_seconds}
+
+    def claim(self, worker_id):
+        claimed = self.db.claim_task(worker_id, time.time(),
+                                     self.lease_seconds)
+        if claimed is None:
+            return {"task": None, "retry_after": IDLE_POLL_SECONDS}
+        task, job = claimed
+        settings = json.loads(job["settings"])
+        server_log.info("job %d task %d: leased to worker %d (attempt %d)",
+                        job["id"], task["id"], worker_id, task["attempts"])
+        return {"task": {
+            "id": task["id"],
+            "attempt": task["attempt"],
+            "job_id": job["id"],
+            "job_name": job["name"],
+            "archive": job["archive"],
+            "root": job["root"],
+            "ini": job["ini"],
+            "povray_options": json.loads(job["povray_options"]),
+            "settings": settings,
+            "sliced": len(json.loads(job["row_ranges"])) > 1,
+            "frame_first": task["frame_first"],
+            "frame_last": task["frame_last"],
+            "row_first": task["row_first"],
+            "row_last": task["row_last"],
+            "lease_seconds": self.lease_seconds,
+        }}
+
+    def heartbeat(self, task_id, body):
+        action = self.db.heartbeat(
+            task_id, str(body.get("attempt")), int(body.get("worker", 0)),
+            min(max(float(body.get("progress") or 0), 0.0), 1.0),
+            time.time(), self.lease_seconds)
+        return {"action": action, "lease_seconds": self.lease_seconds}
+
+    def fail(self, task_id, body):
+        attempt = str(body.get("attempt"))
+        error = str(body.get("error") or "failed without a message")[:2000]
+        log_text = str(body.get("log") or "")[-MAX_LOG_BYTES:]
+        job_failed = self.db.fail_task(task_id, attempt, error, log_text,
+                                       time.time())
+        task = self.db.task(task_id)
+        server_log.warning("job %d task %d: attempt %s failed: %s%s",
+                           task["job_id"], task_id, attempt, error,
+                           " (job failed)" if job_failed else "")
+        return {"status": "recorded", "job_failed": job_failed}
+
+    def release(self, task_id, body):
+        self.db.release_task(task_id, str(body.get("attempt")))
+        server_log.info("task %d released by its worker", task_id)
+        return {"status": "released"}
+
+    def deliver(self, task_id, attempt, upload_path):
+        """Check a result archive and accept it; return the response.
+
+        The archive holds ``frames/<frame>.png`` for each frame of a
+        whole-frame task, or ``slice.png`` for a slice (either just the
+        slice's rows or POV-Ray's full-size partial render), plus an
+        optional ``log.txt``.
+        """
+        if self.db.accepted_attempt(task_id, attempt):
+            return {"status": "accepted", "duplicate": True}
+        task, job = self.db.leased_task(task_id, attempt)
+        settings = json.loads(job["settings"])
+        sliced = len(json.loads(job["row_ranges"])) > 1
+        prepared = []
+        try:
+            log_text = self.unpack_result(task, job, settings, sliced,
+                                          upload_path, prepared)
+
+            def place_files():
+                for temp_path, final_path in prepared:
+                    os.makedirs(os.path.dirname(final_path), exist_ok=True)
+                    os.replace(temp_path, final_path)
+
+            complete = self.db.accept_result(task_id, attempt, log_text,
+                                             time.time(), place_files)
+        finally:
+            for temp_path, _ in prepared:
+                remove_quietly(temp_path)
+        server_log.info("job %d task %d: result of attempt %s accepted",
+                        job["id"], task_id, attempt)
+        if complete:
+            self.finish_frames(job, complete)
+        return {"status": "accepted", "duplicate": False}
+
+    def unpack_result(self, task, job, settings, sliced, upload_path,
+                      prepared):
+        """Extract and check a result's PNGs into temporary files.
+
+        Appends (temporary path, final path) pairs to ``prepared`` and
+        returns the log text. Raises UserError for a result that does
+        not hold exactly the expected images.
+        """
+        width, height = settings["width"], settings["height"]
+        try:
+            archive = zipfile.ZipFile(upload_path)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise UserError("result is not a valid zip file (%s)" % error)
+        with archive:
+            names = set(archive.namelist())
+            log_text = ""
+            if "log.txt" in names:
+                with archive.open("log.txt") as source:
+                    log_text = source.read(MAX_LOG_BYTES).decode(
+                        "utf-8", "replace")
+            if sliced:
+                expected = ["slice.png"]
+            else:
+                expected = ["frames/%d.png" % frame for frame in range(
+                    task["frame_first"], task["frame_last"] + 1)]
+            missing = [name for name in expected if name not in names]
+            if missing:
+                raise UserError("result of task %d lacks %s (it holds: %s)"
+                                % (task["id"], ", ".join(missing),
+                                   ", ".join(sorted(names)) or "nothing"))
+            for name in expected:
+                member = archive.getinfo(name)
+                if member.file_size > MAX_RESULT_BYTES:
+                    raise TooLarge("%s unpacks to %d bytes, more than %d"
+                                   % (name, member.file_size,
+                                      MAX_RESULT_BYTES))
+                temp_path = self.temp_path(".png")
+                prepared.append((temp_path, None))
+                with archive.open(member) as source, \
+                        open(temp_path, "wb") as target:
+                    shutil.copyfileobj(source, target, COPY_CHUNK_BYTES)
+                if sliced:
+                    final = self.slice_path(job["id"], task["frame_first"],
+                                            task["id"])
+                    prepared[-1] = (self.check_slice(
+                        temp_path, task, width, height, prepared), final)
+                else:
+                    frame = int(name[len("frames/"):-len(".png")])
+                    try:
+                        check_png(temp_path, width, height)
+                    except ImageError as error:
+                        raise ImageError("frame %d of task %d: %s"
+                                         % (frame, task["id"], error))
+                    prepared[-1] = (temp_path,
+                                    self.frame_path(job["id"], frame))
+        return log_text
+
+    def check_slice(self, temp_path, task, width, height, prepared):
+        """Check a slice PNG; crop a full-size one to the task's rows."""
+        rows = task["row_last"] - task["row_first"] + 1
+        try:
+            info = check_png(temp_path)
+        except ImageError as error:
+            raise ImageError("slice of task %d: %s" % (task["id"], error))
+        if info.width != width or info.height not in (rows, height):
+            raise ImageError("slice of task %d is %dx%d, expected %dx%d "
+                             "(its rows %d-%d) or the full %dx%d"
+                             % (task["id"], info.width, info.height, width,
+                                rows, task["row_first"], task["row_last"],
+                                width, height))
+        if info.height == rows:
+            return temp_path
+        cropped = self.temp_path(".png")
+        prepared.append((cropped, None))
+        crop_png(temp_path, cropped, task["row_first"], task["row_last"])
+        return cropped
+
+    def finish_frames(self, job, frames):
+        """Stitch completed sliced frames and record finished frames."""
+        sliced = len(json.loads(job["row_ranges"])) > 1
+        settings = json.loads(job["settings"])
+        finished = []
+        for frame in frames:
+            if sliced and not self.db.frame_done(job["id"], frame):
+                tasks = self.db.frame_tasks(job["id"], frame)
+                paths = [self.slice_path(job["id"], frame, task_id)
+                         for task_id in tasks]
+                target = self.frame_path(job["id"], frame)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                try:
+                    stitch_pngs(target, paths, settings["width"],
+                                settings["height"])
+                except (ImageError, OSError) as error:
+                    message = "stitching frame %d failed: %s" % (frame,
+                                                                error)
+                    server_log.error("job %d: %s", job["id"], message)
+                    self.db.fail_job(job["id"], message, time.time())
+                    continue
+                server_log.info("job %d frame %d: stitched from %d slices",
+                                job["id"], frame, len(paths))
+            finished.append(frame)
+        if finished and self.db.mark_frames_done(job["id"], finished,
+                                                 time.time()):
+            server_log.info("job %d: done", job["id"])
+        if sliced:
+            for frame in finished:
+                shutil.rmtree(self.path("slices", str(job["id"]),
+                                        str(frame)), ignore_errors=True)
+
+
+def remove_tree_or_file(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        remove_quietly(path)
+
+
+def load_or_create_tokens(data_dir, rotate=False):
+    """Read the admin and worker tokens, creating them on first use."""
+    path = os.path.join(data_dir, "tokens.json")
+    if os.path.exists(path) and not rotate:
+        with open(path) as source:
+            tokens = json.load(source)
+        if set(tokens) >= {"admin", "worker"}:
+            return tokens
+    tokens = {"admin": secrets.token_urlsafe(TOKEN_BYTES),
+              "worker": secrets.token_urlsafe(TOKEN_BYTES)}
+    os.makedirs(data_dir, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=data_dir, prefix=".tmp-")
+    with os.fdopen(handle, "w") as target:
+        json.dump(tokens, target)
+    if hasattr(os, "chmod"):
+        os.chmod(temp_path, 0o600)
+    os.replace(temp_path, path)
+    return tokens
+
+
+class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """A threading HTTP server (``ThreadingHTTPServer`` needs 3.7)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, farm):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.farm = farm
+        http.server.HTTPServer.__init__(self, address, FarmRequestHandler)
+
+
+# (method, path pattern, handler method name, role needed)
+ROUTES = [
+    ("GET", r"/", "page_status", "page"),
+    ("GET", r"/api/jobs", "api_jobs", "admin"),
+    ("POST", r"/api/jobs", "api_submit", "admin"),
+    ("GET", r"/api/jobs/(\d+)", "api_job", "admin"),
+    ("POST", r"/api/jobs/(\d+)", "api_update_job", "admin"),
+    ("DELETE", r"/api/jobs/(\d+)", "api_delete_job", "admin"),
+    ("POST", r"/api/jobs/(\d+)/(pause|resume|cancel|retry|delete)",
+     "api_control_job", "admin"),
+    ("GET", r"/api/jobs/(\d+)/tasks", "api_tasks", "admin"),
+    ("GET", r"/api/jobs/(\d+)/frames/(-?\d+)\.png", "api_frame", "admin"),
+    ("GET", r"/api/workers", "api_workers", "admin"),
+    ("POST", r"/api/workers", "api_register", "worker"),
+    ("POST", r"/api/claim", "api_claim", "worker"),
+    ("GET", r"/api/archives/([0-9a-f]{64})\.zip", "api_archive", "worker"),
+    ("POST", r"/api/tasks/(\d+)/heartbeat", "api_heartbeat", "worker"),
+    ("POST", r"/api/tasks/(\d+)/result", "api_result", "worker"),
+    ("POST", r"/api/tasks/(\d+)/fail", "api_fail", "worker"),
+    ("POST", r"/api/tasks/(\d+)/release", "api_release", "worker"),
+]
+COMPILED_ROUTES = [(method, re.compile("^" + pattern + "$"), name, role)
+                   for method, pattern, name, role in ROUTES]
+
+
+class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
+    """Routes a request to its API method and turns errors into JSON."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "httpov/" + __version__
+    timeout = HTTP_TIMEOUT_SECONDS
+
+    def log_message(self, format, *args):
+        server_log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_PATCH(self):
+        self.dispatch("PATCH")
+
+    @property
+    def farm(self):
+        return self.server.farm
+
+    def dispatch(self, method):
+        self.body_read = False
+        parsed = urllib.parse.urlsplit(self.path)
+        self.query = urllib.parse.parse_qs(parsed.query,
+                                           keep_blank_values=True)
+        try:
+            route, arguments = self.find_route(method, parsed.path)
+            self.check_access(route[3])
+            getattr(self, route[2])(*arguments)
+        except UserError as error:
+            self.send_json({"error": str(error)}, error.status)
+        except DatabaseBusy as error:
+            server_log.warning("%s %s: database busy (%s), answered 503",
+                               method, parsed.path, error)
+            self.send_json({"error": "the server is busy; try again"}, 503,
+                           {"Retry-After": "2"})
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            server_log.exception("%s %s failed", method, parsed.path)
+            self.send_json({"error": "internal server error; see the "
+                            "server log"}, 500)
+
+    def find_route(self, method, path):
+        allowed = []
+        for route in COMPILED_ROUTES:
+            match = route[1].match(path)
+            if match:
+                if route[0] == method:
+                    return route, match.groups()
+                allowed.append(route[0])
+        if allowed:
+            raise MethodNotAllowed("method %s is not allowed on %s "
+                                   "(allowed: %s)"
+                                   % (method, path, ", ".join(allowed)))
+        raise NotFound("no such page or API endpoint: %s" % path)
+
+    # -- authentication -----------------------------------------------------
+
+    def presented_token(self):
+        header = self.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            return header[7:].strip()
+        return None
+
+    def has_session(self):
+        cookies = self.headers.get("Cookie", "")
+        for part in cookies.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == SESSION_COOKIE and hmac.compare_digest(
+                    value.encode(), self.farm.session.encode()):
+                return True
+        return False
+
+    def check_access(self, role):
+        token = self.presented_token()
+        tokens = self.farm.tokens
+        is_admin = token is not None and hmac.compare_digest(
+            token.encode(), tokens["admin"].encode())
+        is_worker = token is not None and hmac.compare_digest(
+            token.encode(), tokens["worker"].encode())
+        if role == "page":
+            return
+        if is_admin or (role == "worker" and is_worker):
+            return
+        if role == "admin" and self.command == "GET" and self.has_session():
+            return
+        if token is None:
+            raise Unauthorized("missing token: send the header "
+                               "'Authorization: Bearer TOKEN' (see "
+                               "'httpov.py token')")
+        raise Unauthorized("invalid token for this request")
+
+    # -- request bodies -----------------------------------------------------
+
+    def content_length(self, limit):
+        value = self.headers.get("Content-Length")
+        if value is None:
+            self.close_connection = True
+            raise LengthRequired("missing Content-Length header")
+        try:
+            length = int(value)
+        except ValueError:
+            self.close_connection = True
+            raise UserError("invalid Content-Length %r" % value)
+        if length < 0:
+            self.close_connection = True
+            raise UserError("invalid Content-Length %r" % value)
+        if length > limit:
+            self.close_connection = True
+            raise TooLarge("request body of %d bytes is larger than the "
+                           "limit of %d bytes" % (length, limit))
+        return length
+
+    def read_json(self):
+        length = self.content_length(MAX_JSON_BYTES)
+        data = self.rfile.read(length)
+        self.body_read = True
+        if len(data) < length:
+            self.close_connection = True
+            raise UserError("request body is truncated")
+        if not data.strip():
+            return {}
+        try:
+            body = json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise UserError("request body is not valid JSON (%s)" % error)
+        if not isinstance(body, dict):
+            raise UserError("request body must be a JSON object")
+        return body
+
+    def read_body_to_file(self, limit, suffix):
+        """Stream the request body into a file under the data folder."""
+        length = self.content_length(limit)
+        path = self.farm.temp_path(suffix)
+        try:
+            left = length
+            with open(path, "wb") as target:
+                while left:
+                    chunk = self.rfile.read(min(left, COPY_CHUNK_BYTES))
+                    if not chunk:
+                        self.close_connection = True
+                        raise UserError("upload truncated after %d of %d "
+                                        "bytes" % (length - left, length))
+                    target.write(chunk)
+                    left -= len(chunk)
+        except BaseException:
+            remove_quietly(path)
+            raise
+        self.body_read = True
+        return path
+
+    def query_value(self, name, default=None):
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    # -- responses ----------------------------------------------------------
+
+    def send_json(self, value, status=200, headers=None):
+        data = (json.dumps(value, indent=1) + "\n").encode()
+        self.send_bytes(data, "application/json", status, headers)
+
+    def send_bytes(self, data, content_type, status=200, headers=None):
+        if not self.body_read and self.command in ("POST", "PUT", "PATCH") \
+                and self.headers.get("Content-Length", "0") != "0":
+            # An unread body would be taken for the next request.
+            self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_file(self, path, content_type, download_name=None):
+        try:
+            source = open(path, "rb")
+        except OSError:
+            raise NotFound("file not found")
+        with source:
+            size = os.fstat(source.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(size))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            if download_name:
+                self.send_header("Content-Disposition",
+                                 'inline; filename="%s"' % download_name)
+            self.end_headers()
+            shutil.copyfileobj(source, self.wfile, COPY_CHUNK_BYTES)
+
+    # -- API endpoints ------------------------------------------------------
+
+    def api_jobs(self):
+        self.send_json({"jobs": [self.farm.job_summary(job)
+                                 for job in self.farm.db.jobs()]})
+
+    def api_submit(self):
+        options = {name: self.query_value(name) for name in
+                   JOB_OPTION_NAMES if self.query_value(name) is not None}
+        options["povray_options"] = self.query.get("option", [])
+        upload = self.read_body_to_file(MAX_JOB_BYTES, ".zip")
+        try:
+            summary = self.farm.submit(upload, options)
+        except UserError as error:
+            server_log.warning("job submission rejected: %s", error)
+            raise
+        finally:
+            remove_quietly(upload)
+        self.send_json(summary, 201)
+
+    def api_job(self, job_id):
+        job = self.farm.db.job(int(job_id))
+        self.send_json(self.farm.job_summary(job, detail=True))
+
+    def api_update_job(self, job_id):
+        body = self.read_json()
+        priority = body.get("priority")
+        max_workers = body.get("max_workers")
+        if priority is not None:
+            priority = parse_int(priority, "priority", -1000000, 1000000)
+        if max_workers is not None:
+            max_workers = parse_int(max_workers, "max workers", 0, 1000000)
+        self.farm.db.update_job(int(job_id), priority, max_workers)
+        server_log.info("job %s: priority %s, max workers %s", job_id,
+                        priority, max_workers)
+        self.send_json(self.farm.job_summary(self.farm.db.job(int(job_id))))
+
+    def api_delete_job(self, job_id):
+        self.send_json(self.farm.delete(int(job_id)))
+
+    def api_control_job(self, job_id, action):
+        self.send_json(self.farm.control(int(job_id), action))
+
+    def api_tasks(self, job_id):
+        self.farm.db.job(int(job_id))
+        tasks = self.farm.db.tasks(int(job_id), limit=100000)
+        self.send_json({"tasks": [self.farm.task_summary(task, False)
+                                  for task in tasks]})
+
+    def api_frame(self, job_id, frame):
+        job = self.farm.db.job(int(job_id))
+        if not self.farm.db.frame_done(int(job_id), int(frame)):
+            raise NotFound("frame %s of job %s is not finished"
+                           % (frame, job_id))
+        name = frame_file_name(job["name"], int(frame),
+                               json.loads(job["settings"]))
+        self.send_file(self.farm.frame_path(job_id, frame), "image/png",
+                       name)
+
+    def api_workers(self):
+        now = time.time()
+        workers = []
+        for row in self.farm.db.workers():
+            workers.append({
+                "id": row["id"], "name": row["name"], "group": row["grp"],
+                "host": row["host"], "task": row["task_id"],
+                "tasks_done": row["tasks_done"],
+                "render_seconds": row["render_seconds"],
+                "last_seen_seconds": round(now - row["last_seen"], 1)})
+        self.send_json({"workers": workers})
+
+    def api_register(self):
+        self.send_json(self.farm.register(self.read_json()), 201)
+
+    def api_claim(self):
+        body = self.read_json()
+        worker_id = parse_int(body.get("worker"), "worker id", 1)
+        self.send_json(self.farm.claim(worker_id))
+
+    def api_archive(self, archive_sha):
+        if not ARCHIVE_NAME.match(archive_sha):
+            raise NotFound("archive not found")
+        self.send_file(self.farm.path("archives", archive_sha + ".zip"),
+                       "application/zip")
+
+    def api_heartbeat(self, task_id):
+        body = self.read_json()
+        try:
+            self.send_json(self.farm.heartbeat(int(task_id), body))
+        except Conflict as error:
+            server_log.warning("task %s: heartbeat rejected: %s",
+                               task_id, error)
+            raise
+
+    def api_result(self, task_id):
+        attempt = self.query_value("attempt")
+        if not attempt:
+            raise UserError("missing attempt parameter")
+        upload = self.read_body_to_file(MAX_RESULT_BYTES, ".zip")
+        try:
+            self.send_json(self.farm.deliver(int(task_id), attempt, upload))
+        except Conflict as error:
+            server_log.warning("task %s: result of attempt %s rejected: %s",
+                               task_id, attempt, error)
+            raise
+        except UserError as error:
+            # A result that fails its checks is a failed attempt.
+            server_log.warning("task %s: result of attempt %s is invalid: "
+                               "%s", task_id, attempt, error)
+            try:
+                self.farm.fail(int(task_id), {
+                    "attempt": attempt,
+                    "error": "invalid result: %s" % error})
+            except Conflict:
+                pass
+            raise
+        finally:
+            remove_quietly(upload)
+
+    def api_fail(self, task_id):
+        self.send_json(self.farm.fail(int(task_id), self.read_json()))
+
+    def api_release(self, task_id):
+        self.send_json(self.farm.release(int(task_id), self.read_json()))
+
+    # -- the status page ----------------------------------------------------
+
+    def page_status(self):
+        token = self.query_value("token")
+        if token is not None:
+            if not hmac.compare_digest(token.encode(),
+                                       self.farm.tokens["admin"].encode()):
+                raise Unauthorized("invalid token in the login link")
+            cookie = ("%s=%s; HttpOnly; SameSite=Strict; Path=/"
+                      % (SESSION_COOKIE, self.farm.session))
+            self.send_bytes(b"", "text/plain", 303,
+                            {"Location": "/", "Set-Cookie": cookie})
+            return
+        if not self.has_session() and not self.is_admin_request():
+            page = render_login_page()
+            self.send_bytes(page.encode(), "text/html; charset=utf-8", 401)
+            return
+        jobs = [self.farm.job_summary(job, detail=True)
+                for job in self.farm.db.jobs()]
+        page = render_status_page(jobs, self.farm.db.workers(), time.time())
+        self.send_bytes(page.encode(), "text/html; charset=utf-8", 200,
+                        {"Content-Security-Policy":
+                         "default-src 'self'; style-src 'unsafe-inline'"})
+
+    def is_admin_request(self):
+        token = self.presented_token()
+        return token is not None and hmac.compare_digest(
+            token.encode(), self.farm.tokens["admin"].encode())
+
+
+PAGE_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd;
+         text-align: left; vertical-align: top; }
+.bar { width: 12em; height: 0.9em; background: #eee; }
+.bar div { height: 100%; background: #3a7; }
+.error { color: #a22; }
+"""
+
+
+def render_login_page():
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            "<title>httpov</title></head><body><h1>httpov</h1>"
+            "<p>Open the login link that <code>httpov.py serve</code> "
+            "printed (it ends in <code>/?token=...</code>).</p>"
+            "</body></html>")
+
+
+def render_status_page(jobs, workers, now):
+    """Return the HTML of the status page; every value is escaped."""
+    escape = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
+             "<meta http-equiv='refresh' content='5'>",
+             "<title>httpov status</title><style>%s</style></head><body>"
+             % PAGE_STYLE,
+             "<h1>httpov</h1><h2>Jobs</h2>"]
+    if not jobs:
+        parts.append("<p>No jobs yet. Submit one with "
+                     "<code>httpov.py submit</code>.</p>")
+    else:
+        parts.append("<table><tr><th>Job</th><th>Name</th><th>State</th>"
+                     "<th>Progress</th><th>Frames</th><th>Tasks</th>"
+                     "<th>Finished frames</th></tr>")
+    for job in jobs:
+        fraction = job["tasks_done"] / max(job["tasks"], 1)
+        links = " ".join(
+            "<a href='/api/jobs/%d/frames/%s.png'>%s</a>"
+            % (job["id"], escape(frame), escape(frame))
+            for frame in list(job["frame_files"])[:100])
+        if len(job["frame_files"]) > 100:
+            links += " ..."
+        error = ("<div class='error'>%s</div>" % escape(job["error"])
+                 if job["error"] else "")
+        parts.append(
+            "<tr><td>%d</td><td>%s%s</td><td>%s</td>"
+            "<td><div class='bar'><div style='width:%.1f%%'></div></div>"
+            "%.0f%%</td><td>%d / %d</td><td>%d / %d (%d running)</td>"
+            "<td>%s</td></tr>"
+            % (job["id"], escape(job["name"]), error, escape(job["state"]),
+               100 * fraction, 100 * fraction, job["frames_done"],
+               job["frames"], job["tasks_done"], job["tasks"],
+               job["tasks_running"], links))
+    if jobs:
+        parts.append("</table>")
+    parts.append("<h2>Workers</h2>")
+    if not workers:
+        parts.append("<p>No workers yet. Start one with "
+                     "<code>httpov.py work URL</code>.</p>")
+    else:
+        parts.append("<table><tr><th>Worker</th><th>Name</th><th>Group</th>"
+                     "<th>Task</th><th>Tasks done</th><th>Last seen</th>"
+                     "</tr>")
+        for worker in workers:
+            parts.append(
+                "<tr><td>%d</td><td>%s</td><td>%s</td><td>%s</td>"
+                "<td>%d</td><td>%.0f s ago</td></tr>"
+                % (worker["id"], escape(worker["name"]),
+                   escape(worker["grp"]),
+                   escape(str(worker["task_id"] or "")),
+                   worker["tasks_done"], now - worker["last_seen"]))
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+# ===========================================================================
+# 7. HTTP client, shared by the worker and the CLI
+# ===========================================================================
+
+
+class ServerUnreachable(Exception):
+    """The server could not be reached or the connection broke."""
+
+
+class ApiError(Exception):
+    """The server answered with an error status."""
+
+    def __init__(self, status, message, retry_after=None):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ApiClient:
+    """A small client for the JSON API; one instance per thread."""
+
+    def __init__(self, url, token, timeout=HTTP_TIMEOUT_SECONDS):
+        parsed = urllib.parse.urlsplit(url if "://" in url
+                                       else "http://" + url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise UserError("invalid server URL %r: expected "
+                            "http://HOST:PORT/" % url)
+        self.url = url
+        self.scheme = parsed.scheme
+        self.host = parsed.hostname
+        self.port = parsed.port or (443 if parsed.scheme == "https"
+                                    else DEFAULT_PORT)
+        self.prefix = parsed.path.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.connection = None
+
+    def connect(self):
+        if self.connection is None:
+            if self.scheme == "https":
+                self.connection = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout)
+            else:
+                self.connection = http.client.HTTPConnection(
+                    self.host, self.port, timeout=self.timeout)
+        return self.connection
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def request(self, method, path, body=None, content_type=None,
+                target=None):
+        """Send a request; return the response body (or write it to
+        ``target``). ``body`` is bytes or an open file with a known size.
+        """
+        headers = {"Authorization": "Bearer %s" % self.token}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if body is not None:
+            if isinstance(body, bytes):
+                headers["Content-Length"] = str(len(body))
+            else:
+                headers["Content-Length"] = str(
+                    os.fstat(body.fileno()).st_size)
+        elif method in ("POST", "PUT"):
+            headers["Content-Length"] = "0"
+        try:
+            connection = self.connect()
+            connection.request(method, self.prefix + path, body, headers)
+            response = connection.getresponse()
+            if target is not None and response.status == 200:
+                with open(target, "wb") as out:
+                    shutil.copyfileobj(response, out, COPY_CHUNK_BYTES)
+                data = b""
+            else:
+                data = response.read()
+            if response.getheader("Connection", "").lower() == "close":
+                self.close()
+        except (OSError, http.client.HTTPException) as error:
+            self.close()
+            raise ServerUnreachable("cannot reach %s: %s"
+                                    % (self.url, error or type(error)))
+        if response.status >= 400:
+            try:
+                message = json.loads(data.decode())["error"]
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                message = data.decode("utf-8", "replace")[:300] or \
+                    response.reason
+            retry_after = response.getheader("Retry-After")
+            raise ApiError(response.status, message,
+                           float(retry_after) if retry_after and
+                           retry_after.isdigit() else None)
+        return data
+
+    def call(self, method, path, value=None):
+        """Send JSON (or nothing) and decode the JSON response."""
+        body = None if value is None else json.dumps(value).encode()
+        data = self.request(method, path, body,
+                            "application/json" if body else None)
+        return json.loads(data.decode()) if data.strip() else {}
+
+    def upload(self, path, file_path, content_type="application/zip"):
+        with open(file_path, "rb") as body:
+            data = self.request("POST", path, body, content_type)
+        return json.loads(data.decode())
+
+    def download(self, path, target):
+        self.request("GET", path, target=target)
+
+
+def backoff_delays(first=RETRY_MIN_SECONDS, cap=RETRY_MAX_SECONDS):
+    """Yield exponentially growing waits with +-25 % jitter."""
+    delay = first
+    while True:
+        yield delay * random.uniform(0.75, 1.25)
+        delay = min(delay * 2, cap)
+
+
+# ===========================================================================
+# 8. Worker: running POV-Ray
+# ===========================================================================
+
+PROGRESS_PATTERN = re.compile(rb"Rendered (\d+) of (\d+) pixels")
+FRAME_PATTERN = re.compile(rb"Rendering frame (\d+) of (\d+)")
+ERROR_PATTERN = re.compile(r"Parse Error|Fatal error|Error:|error:|"
+                           r"Cannot |Render failed|Aborting render|"
+                           r"Render error")
+OUTPUT_BASE = "frame"
+ERROR_FILE = "fatal.txt"
+TERMINATE_WAIT_SECONDS = 5.0       # after SIGTERM, before SIGKILL
+SYSTEM_POVRAY_INIS = (
+    "/etc/povray/3.7/povray.ini",
+    "/usr/local/etc/povray/3.7/povray.ini",
+    "/etc/povray/povray.ini",
+)
+
+
+def library_paths():
+    """Read Library_Path lines of the system POV-Ray INI, if any.
+
+    The worker runs POV-Ray with its own POVINI, which would otherwise
+    lose the standard include folder that the system INI names.
+    """
+    paths = []
+    for candidate in SYSTEM_POVRAY_INIS:
+        try:
+            with open(candidate, errors="replace") as source:
+                text = source.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.split(";", 1)[0].partition("=")
+            if key.strip().lower() == "library_path" and value.strip():
+                paths.append(value.strip().strip('"'))
+        break
+    return paths
+
+
+def povray_command(povray, task, threads, output_base, error_file):
+    """Build POV-Ray's command line for a task.
+
+    Order matters: the job's INI, then the submit options, then the
+    farm's own options, because POV-Ray lets later options win.
+    """
+    settings = task["settings"]
+    command = [povray]
+    if task["ini"]:
+        command.append(task["ini"])
+    command.extend(task["povray_options"])
+    command.extend([
+        "+I" + settings["input_file"],
+        "+O" + output_base,
+        "+FN%d" % settings["depth"],
+        "-D", "-P", "+WT%d" % threads,
+        "+GF" + error_file,
+    ])
+    if settings["animated"]:
+        command.extend(["+SF%d" % task["frame_first"],
+                        "+EF%d" % task["frame_last"]])
+    if task["sliced"]:
+        # Row 1 and the last row are left out: POV-Ray reads 1 as the
+        # fraction 1.0, and the default range covers them anyway.
+        if task["row_first"] > 1:
+            command.append("+SR%d" % task["row_first"])
+        if task["row_last"] < settings["height"]:
+            command.append("+ER%d" % task["row_last"])
+    return command
+
+
+def povray_error(log_text, error_file_text=""):
+    """Pick POV-Ray's own error message out of its output."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    for line in lines:
+        if ERROR_PATTERN.search(line) and "Possible" not in line and \
+                line != "Render failed":
+            return line
+    report = [line.strip() for line in error_file_text.splitlines()
+              if line.strip()]
+    if report:
+        return " ".join(report[-2:])
+    if "Render failed" in lines:
+        # Option errors print one plain line just before "Render failed".
+        index = lines.index("Render failed")
+        return " ".join(lines[max(index - 1, 0):index + 1])
+    return " | ".join(lines[-3:]) or "POV-Ray printed nothing"
+
+
+def describe_exit(returncode):
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except (ValueError, AttributeError):
+            name = "signal %d" % -returncode
+        return ("POV-Ray was killed by %s (out of memory, or stopped from "
+                "outside)" % name)
+    if returncode == 2:
+        return "POV-Ray was cancelled (exit code 2)"
+    return "POV-Ray failed with exit code %d" % returncode
+
+
+class TaskFailed(Exception):
+    """A render attempt failed; the message says why."""
+
+    def __init__(self, message, log_text=""):
+        Exception.__init__(self, message)
+        self.log_text = log_text
+
+
+class TaskAbandoned(Exception):
+    """The task was cancelled or handed to another attempt."""
+
+
+class Worker:
+    """Takes tasks from a server, renders them and delivers results."""
+
+    def __init__(self, url, token, name=None, group="", povray="povray",
+                 threads=None, workdir=None, once=False, console=True):
+        self.url = url
+        self.token = token
+        self.name = name or socket.gethostname()
+        self.group = group or ""
+        self.povray = povray
+        self.threads = threads or os.cpu_count() or 1
+        self.workdir = os.path.abspath(workdir or default_workdir())
+        self.once = once
+        self.console = console and sys.stderr.isatty()
+        self.client = ApiClient(url, token)
+        self.worker_id = None
+        self.stop_after_task = threading.Event()
+        self.stop_now = threading.Event()
+        self.process = None
+        self.process_lock = threading.Lock()
+        for folder in ("archives", "jobs", "tasks", "outbox"):
+            os.makedirs(os.path.join(self.workdir, folder), exist_ok=True)
+        self.povini = os.path.join(self.workdir, "povray.ini")
+        lines = ['Library_Path="%s"' % path for path in library_paths()]
+        write_file_atomically(self.povini,
+                              ("\n".join(lines) + "\n").encode())
+
+    # -- talking to the server, with retries --------------------------------
+
+    def call(self, method, path, value=None, client=None):
+        """Call the API, retrying while the server is unreachable or busy.
+
+        Raises ApiError for answers other than 503, and TaskAbandoned if
+        the worker is told to stop now while waiting.
+        """
+        client = client or self.client
+        delays = backoff_delays()
+        while True:
+            try:
+                return client.call(method, path, value)
+            except ServerUnreachable as error:
+                delay = next(delays)
+                worker_log.warning("%s; retrying in %.0f s", error, delay)
+            except ApiError as error:
+                if error.status != 503:
+                    raise
+                delay = error.retry_after or next(delays)
+                worker_log.warning("server busy; retrying in %.0f s", delay)
+            if self.stop_now.wait(delay):
+                raise TaskAbandoned("stopped while waiting for the server")
+
+    def register(self):
+        answer = self.call("POST", "/api/workers", {
+            "name": self.name, "group": self.group,
+            "host": socket.gethostname()})
+        self.worker_id = answer["worker"]
+        worker_log.info("registered with %s as worker %d (%s)",
+                        self.url, self.worker_id, self.name)
+
+    def run(self):
+        """Work until stopped; return the process exit code."""
+        try:
+            self.register()
+            self.deliver_outbox()
+            idle = IDLE_POLL_SECONDS
+            while not self.stop_after_task.is_set():
+                try:
+                    answer = self.call("POST", "/api/claim",
+                                       {"worker": self.worker_id})
+                except ApiError as error:
+                    if error.status == 404:
+                        worker_log.warning("server forgot this worker "
+                                           "(%s); registering again",
+                                           error.message)
+                        self.register()
+                        continue
+                    raise
+                task = answer.get("task")
+                if task is None:
+                    if self.once:
+                        worker_log.info("no task available; exiting")
+                        return 0
+                    wait = min(idle, MAX_IDLE_POLL_SECONDS)
+                    idle = min(idle * 1.5, MAX_IDLE_POLL_SECONDS)
+                    self.stop_after_task.wait(
+                        wait * random.uniform(0.8, 1.2))
+                    continue
+                idle = float(answer.get("retry_after") or
+                             IDLE_POLL_SECONDS)
+                self.handle_task(task)
+                self.deliver_outbox()
+                if self.once:
+                    return 0
+        except TaskAbandoned:
+            pass
+        except ApiError as error:
+            worker_log.error("server rejected the worker: %s (HTTP %d)",
+                             error.message, error.status)
+            return 1
+        worker_log.info("worker %s stopped", self.worker_id)
+        return 0
+
+    def stop(self, now=False):
+        self.stop_after_task.set()
+        if now:
+            self.stop_now.set()
+            self.terminate_povray()
+
+    # -- one task -----------------------------------------------------------
+
+    def handle_task(self, task):
+        label = task_label(task)
+        worker_log.info("%s: started (attempt %s)", label,
+                        task["attempt"][:8])
+        task_dir = os.path.join(self.workdir, "tasks", "%d-%s" % (
+            task["id"], task["attempt"][:12]))
+        heartbeat = Heartbeat(self, task)
+        try:
+            job_dir = self.prepare_job(task)
+            heartbeat.start()
+            result = self.render(task, job_dir, task_dir, heartbeat)
+            self.queue_result(task, result)
+            worker_log.info("%s: rendered", label)
+        except TaskAbandoned as reason:
+            worker_log.warning("%s: abandoned (%s)", label, reason)
+            if self.stop_now.is_set() and not heartbeat.rejected:
+                self.release(task)
+        except TaskFailed as failure:
+            worker_log.error("%s: failed: %s", label, failure)
+            self.report_failure(task, str(failure), failure.log_text)
+        finally:
+            heartbeat.stop()
+            shutil.rmtree(task_dir, ignore_errors=True)
+
+    def release(self, task):
+        try:
+            self.client.call("POST", "/api/tasks/%d/release" % task["id"],
+                             {"attempt": task["attempt"]})
+        except (ServerUnreachable, ApiError) as error:
+            worker_log.warning("task %d: release failed (%s); its lease "
+                               "will expire", task["id"], error)
+
+    def report_failure(self, task, message, log_text):
+        try:
+            self.call("POST", "/api/tasks/%d/fail" % task["id"], {
+                "attempt": task["attempt"], "error": message,
+                "log": log_text[-MAX_LOG_BYTES:]})
+        except ApiError as error:
+            worker_log.warning("task %d: failure report rejected: %s",
+                               task["id"], error.message)
+        except TaskAbandoned:
+            pass
+
+    def prepare_job(self, task):
+        """Download and unpack a job archive once; return the job folder."""
+        archive_sha = task["archive"]
+        if not ARCHIVE_NAME.match(archive_sha):
+            raise TaskFailed("server sent an invalid archive id %r"
+                             % archive_sha)
+        archive = os.path.join(self.workdir, "archives",
+                               archive_sha + ".zip")
+        if not os.path.exists(archive):
+            temp_path = archive + ".part-%d" % os.getpid()
+            delays = backoff_delays()
+            while True:
+                try:
+                    self.client.download("/api/archives/%s.zip"
+                                         % archive_sha, temp_path)
+                    break
+                except ServerUnreachable as error:
+                    delay = next(delays)
+                    worker_log.warning("job %d: archive download failed "
+                                       "(%s); retrying in %.0f s",
+                                       task["job_id"], error, delay)
+                    if self.stop_now.wait(delay):
+                        remove_quietly(temp_path)
+                        raise TaskAbandoned("stopped")
+                except ApiError as error:
+                    remove_quietly(temp_path)
+                    raise TaskFailed("archive download failed: %s"
+                                     % error.message)
+            if sha256_of_file(temp_path) != archive_sha:
+                remove_quietly(temp_path)
+                raise TaskFailed("downloaded archive does not match its "
+                                 "SHA-256 %s" % archive_sha)
+            os.replace(temp_path, archive)
+            worker_log.info("job %d: archive %s downloaded",
+                            task["job_id"], archive_sha[:12])
+        unpacked = os.path.join(self.workdir, "jobs", archive_sha)
+        if not os.path.isdir(unpacked):
+            try:
+                inspect_archive(archive)
+            except UserError as error:
+                raise TaskFailed("job archive rejected: %s" % error)
+            temp_dir = tempfile.mkdtemp(dir=os.path.join(self.workdir,
+                                                         "jobs"))
+            with zipfile.ZipFile(archive) as source:
+                for member in source.infolist():
+                    if member.filename.endswith("/"):
+                        continue
+                    target = os.path.join(temp_dir, *member.filename.split(
+                        "/"))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with source.open(member) as data, \
+                            open(target, "wb") as out:
+                        shutil.copyfileobj(data, out, COPY_CHUNK_BYTES)
+            try:
+                os.rename(temp_dir, unpacked)
+            except OSError:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+        job_dir = os.path.join(unpacked, *task["root"].strip("/").split("/")
+                               ) if task["root"] else unpacked
+        if not os.path.isdir(job_dir):
+            raise TaskFailed("job folder %r is missing from the archive"
+                             % task["root"])
+        return job_dir
+
+    def render(self, task, job_dir, task_dir, heartbeat):
+        """Run POV-Ray for a task; return the path of the result zip."""
+        scene_dir = os.path.join(task_dir, "scene")
+        output_dir = os.path.join(task_dir, "output")
+        home_dir = os.path.join(task_dir, "home")
+        shutil.rmtree(task_dir, ignore_errors=True)
+        shutil.copytree(job_dir, scene_dir)
+        os.makedirs(output_dir)
+        os.makedirs(home_dir)
+        # POV-Ray takes a bare stream file name and writes the file
+        # beside the image; a path elsewhere fails the render.
+        command = povray_command(self.povray, task, self.threads,
+                                 os.path.join(output_dir, OUTPUT_BASE),
+                                 ERROR_FILE)
+        error_file = os.path.join(output_dir, ERROR_FILE)
+        environment = dict(os.environ, POVINI=self.povini, HOME=home_dir)
+        worker_log.debug("%s: running %s", task_label(task),
+                         " ".join(command))
+        log_tail = collections.deque()
+        log_size = [0]
+        options = {}
+        if os.name == "posix":
+            options["start_new_session"] = True
+        elif hasattr(subprocess, "CREATE_NEW_PROCESS_GROUP"):
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        try:
+            process = subprocess.Popen(
+                command, cwd=scene_dir, env=environment,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, **options)
+        except OSError as error:
+            raise TaskFailed("cannot start POV-Ray %r: %s; install "
+                             "POV-Ray 3.7 or pass --povray PATH"
+                             % (self.povray, error))
+        with self.process_lock:
+            self.process = process
+        frames = task["frame_last"] - task["frame_first"] + 1
+        frame_index = 0
+        try:
+            pending = b""
+            while True:
+                chunk = os.read(process.stderr.fileno(), 65536)
+                if not chunk:
+                    break
+                log_tail.append(chunk)
+                log_size[0] += len(chunk)
+                while log_size[0] > MAX_LOG_BYTES and len(log_tail) > 1:
+                    log_size[0] -= len(log_tail.popleft())
+                pending = (pending + chunk)[-4096:]
+                for match in FRAME_PATTERN.finditer(pending):
+                    frame_index = max(int(match.group(1)) - 1, 0)
+                matches = list(PROGRESS_PATTERN.finditer(pending))
+                if matches:
+                    done, total = map(int, matches[-1].groups())
+                    progress = (frame_index + done / max(total, 1)) / frames
+                    heartbeat.progress = min(progress, 1.0)
+                    self.show_progress(task, heartbeat.progress)
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:
+                self.terminate_povray()
+            process.stderr.close()
+            with self.process_lock:
+                self.process = None
+        self.show_progress(task, None)
+        log_text = b"".join(log_tail).decode("utf-8", "replace")
+        log_text = log_text.replace("\r", "\n")
+        if heartbeat.rejected or self.stop_now.is_set():
+            raise TaskAbandoned(heartbeat.rejected or "stopped by the user")
+        error_text = ""
+        if os.path.exists(error_file):
+            with open(error_file, errors="replace") as source:
+                error_text = source.read(4096)
+        if returncode != 0:
+            raise TaskFailed("%s: %s" % (describe_exit(returncode),
+                                         povray_error(log_text, error_text)),
+                             log_text)
+        if "Parse Error" in log_text and \
+                "Possible Parse Error" not in log_text:
+            raise TaskFailed("POV-Ray reported a parse error: %s"
+                             % povray_error(log_text, error_text), log_text)
+        return self.pack_result(task, output_dir, task_dir, log_text)
+
+    def pack_result(self, task, output_dir, task_dir, log_text):
+        """Check POV-Ray's images and zip them with the log."""
+        settings = task["settings"]
+        images = {}
+        for name in os.listdir(output_dir):
+            match = re.match(r"^%s(-?\d*)\.png$" % OUTPUT_BASE, name)
+            if match:
+                frame = int(match.group(1)) if match.group(1) else None
+                images[frame] = os.path.join(output_dir, name)
+        expected = list(range(task["frame_first"], task["frame_last"] + 1))
+        if not settings["animated"]:
+            if len(images) == 1:
+                images = {expected[0]: list(images.values())[0]}
+        missing = [frame for frame in expected if frame not in images]
+        if missing:
+            raise TaskFailed("POV-Ray exited without writing the image of "
+                             "frame %s (output folder holds: %s)"
+                             % (missing[0], ", ".join(sorted(
+                                 os.listdir(output_dir))) or "nothing"),
+                             log_text)
+        result = os.path.join(task_dir, "result.zip")
+        with zipfile.ZipFile(result, "w") as archive:
+            for frame in expected:
+                path = images[frame]
+                try:
+                    check_png(path, settings["width"], settings["height"])
+                except ImageError as error:
+                    raise TaskFailed("image of frame %d is invalid: %s"
+                                     % (frame, error), log_text)
+                if task["sliced"]:
+                    cropped = os.path.join(task_dir, "slice.png")
+                    crop_png(path, cropped, task["row_first"],
+                             task["row_last"])
+                    archive.write(cropped, "slice.png")
+                else:
+                    archive.write(path, "frames/%d.png" % frame)
+            archive.writestr("log.txt", log_text[-MAX_LOG_BYTES:],
+                             zipfile.ZIP_DEFLATED)
+        return result
+
+    def terminate_povray(self):
+        """Stop POV-Ray and its children: SIGTERM, then SIGKILL."""
+        with self.process_lock:
+            process = self.process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            if os.name == "posix":
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.terminate()
+            process.wait(TERMINATE_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            if os.name == "posix":
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+        except OSError:
+            pass
+
+    def show_progress(self, task, progress):
+        if not self.console:
+            return
+        if progress is None:
+            sys.stderr.write("\r" + " " * 70 + "\r")
+        else:
+            sys.stderr.write("\r%-60s %3.0f%%" % (task_label(task)[:60],
+                                                  100 * progress))
+        sys.stderr.flush()
+
+    # -- results ------------------------------------------------------------
+
+    def queue_result(self, task, result):
+        """Move a result into the outbox, where it waits for delivery."""
+        base = os.path.join(self.workdir, "outbox", "%d-%s" % (
+            task["id"], task["attempt"]))
+        os.replace(result, base + ".zip")
+        write_file_atomically(base + ".json", json.dumps({
+            "task": task["id"], "attempt": task["attempt"],
+            "job": task["job_id"]}).encode())
+
+    def deliver_outbox(self):
+        """Deliver every waiting result, retrying while the server is down.
+
+        A result stays on disk until the server accepted or finally
+        rejected it, so results survive a server outage and a restart
+        of the worker.
+        """
+        outbox = os.path.join(self.workdir, "outbox")
+        for name in sorted(os.listdir(outbox)):
+            if not name.endswith(".json"):
+                continue
+            meta_path = os.path.join(outbox, name)
+            result = meta_path[:-len(".json")] + ".zip"
+            try:
+                with open(meta_path) as source:
+                    meta = json.load(source)
+            except (OSError, ValueError):
+                remove_quietly(meta_path)
+                continue
+            if not os.path.exists(result):
+                remove_quietly(meta_path)
+                continue
+            self.deliver(meta, result)
+            remove_quietly(result)
+            remove_quietly(meta_path)
+
+    def deliver(self, meta, result):
+        path = "/api/tasks/%d/result?attempt=%s" % (meta["task"],
+                                                    meta["attempt"])
+        delays = backoff_delays()
+        while True:
+            try:
+                self.client.upload(path, result)
+                worker_log.info("job %s task %d: result delivered",
+                                meta.get("job"), meta["task"])
+                return
+            except ServerUnreachable as error:
+                delay = next(delays)
+                worker_log.warning("task %d: delivery failed (%s); result "
+                                   "kept, retrying in %.0f s",
+                                   meta["task"], error, delay)
+            except ApiError as error:
+                if error.status == 503:
+                    delay = error.retry_after or next(delays)
+                else:
+                    worker_log.warning("task %d: result rejected (HTTP %d):"
+                                       " %s", meta["task"], error.status,
+                                       error.message)
+                    return
+            if self.stop_now.wait(delay):
+                raise TaskAbandoned("stopped before delivering")
+
+
+class Heartbeat:
+    """Renews a task's lease from its own thread while POV-Ray runs."""
+
+    def __init__(self, worker, task):
+        self.worker = worker
+        self.task = task
+        self.progress = 0.0
+        self.rejected = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True,
+                                       name="heartbeat-%d" % task["id"])
+        self.client = ApiClient(worker.url, worker.token)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        self.client.close()
+
+    def run(self):
+        interval = max(self.task["lease_seconds"] / 4.0, 0.5)
+        while not self.stopped.wait(interval * random.uniform(0.8, 1.2)):
+            try:
+                answer = self.client.call(
+                    "POST", "/api/tasks/%d/heartbeat" % self.task["id"],
+                    {"attempt": self.task["attempt"],
+                     "worker": self.worker.worker_id,
+                     "progress": self.progress})
+            except ServerUnreachable as error:
+                worker_log.warning("task %d: heartbeat failed (%s)",
+                                   self.task["id"], error)
+                continue
+            except ApiError as error:
+                if error.status in (409, 404):
+                    self.abandon("server: %s" % error.message)
+                    return
+                worker_log.warning("task %d: heartbeat answered HTTP %d: "
+                                   "%s", self.task["id"], error.status,
+                                   error.message)
+                continue
+            if answer.get("action") == "stop":
+                self.abandon("the job was cancelled")
+                return
+
+    def abandon(self, reason):
+        worker_log.warning("task %d: stopping POV-Ray: %s",
+                           self.task["id"], reason)
+        self.rejected = reason
+        self.worker.terminate_povray()
+
+
+def task_label(task):
+    if task["frame_first"] == task["frame_last"]:
+        frames = "frame %d" % task["frame_first"]
+    else:
+        frames = "frames %d-%d" % (task["frame_first"], task["frame_last"])
+    if task.get("sliced"):
+        frames += " rows %d-%d" % (task["row_first"], task["row_last"])
+    return "job %d task %d (%s, %s)" % (task["job_id"], task["id"],
+                                        task["job_name"][:30], frames)
+
+
+def default_workdir():
+    return os.path.join(os.path.expanduser("~"), ".httpov", "worker")
+
+
+# ===========================================================================
+# 9. Command line
+# ===========================================================================
+
+DEFAULT_DATA_DIR = "httpov-data"
+DEFAULT_RENDER_OUTPUT = "render-out"
+STATUS_POLL_SECONDS = 0.5          # render's progress line refresh
+FETCH_POLL_SECONDS = 2.0           # fetch --wait polling interval
+EXCLUDED_FROM_JOBS = {".git", ".hg", ".svn", "__pycache__"}
+
+
+class CommandError(Exception):
+    """A CLI failure with a message for the user; exit code 1."""
+
+
+def pack_job(path):
+    """Return (zip path, is temporary) for a job folder, zip or file."""
+    if not os.path.exists(path):
+        raise CommandError("%s: no such file or folder" % path)
+    if os.path.isfile(path) and path.lower().endswith(".zip"):
+        return path, False
+    members = []
+    if os.path.isdir(path):
+        for folder, subfolders, files in os.walk(path):
+            subfolders[:] = sorted(name for name in subfolders
+                                   if name not in EXCLUDED_FROM_JOBS)
+            for name in sorted(files):
+                full = os.path.join(folder, name)
+                if os.path.islink(full) or not os.path.isfile(full):
+                    log.warning("skipping %s: not a regular file", full)
+                    continue
+                relative = os.path.relpath(full, path).replace(os.sep, "/")
+                members.append((full, relative))
+    elif path.lower().endswith(SCENE_SUFFIXES):
+        members.append((path, os.path.basename(path)))
+        if path.lower().endswith(".ini"):
+            with open(path, errors="replace") as source:
+                pairs = read_ini_text(source.read(), path)
+            scene = dict(pair for pair in pairs if pair[0]).get(
+                "input_file")
+            if scene:
+                scene_path = os.path.join(os.path.dirname(path), scene)
+                if os.path.isfile(scene_path):
+                    members.append((scene_path, scene.replace("\\", "/")))
+    else:
+        raise CommandError("%s is not a folder, .zip, .pov or .ini file"
+                           % path)
+    if not members:
+        raise CommandError("%s holds no files" % path)
+    handle, archive_path = tempfile.mkstemp(suffix=".zip",
+                                            prefix="httpov-job-")
+    os.close(handle)
+    with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for full, relative in members:
+            zipped.write(full, relative)
+    return archive_path, True
+
+
+def job_options_from_args(args):
+    options = {}
+    for name in JOB_OPTION_NAMES:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def submit_job(client, path, options, povray_options):
+    """Pack and upload a job; return the server's job summary."""
+    archive, temporary = pack_job(path)
+    query = [(name, str(value)) for name, value in options.items()]
+    query += [("option", option) for option in povray_options]
+    if "name" not in options:
+        base = os.path.basename(os.path.normpath(path))
+        query.append(("name", os.path.splitext(base)[0]))
+    try:
+        return client.upload("/api/jobs?" + urllib.parse.urlencode(query),
+                             archive)
+    finally:
+        if temporary:
+            remove_quietly(archive)
+
+
+def token_from(args):
+    token = args.token or os.environ.get("HTTPOV_TOKEN")
+    if not token:
+        raise CommandError("missing token: pass --token or set "
+                           "HTTPOV_TOKEN (run 'httpov.py token' on the "
+                           "server to see the tokens)")
+    return token
+
+
+def format_job_line(job):
+    progress = 100.0 * job["tasks_done"] / max(job["tasks"], 1)
+    return ("%5d  %-10s %5.1f%%  frames %d/%d  tasks %d/%d  %s"
+            % (job["id"], job["state"], progress, job["frames_done"],
+               job["frames"], job["tasks_done"], job["tasks"], job["name"]))
+
+
+def fetch_frames(client, job, output_dir, fetched):
+    """Download finished frames not fetched yet; return how many."""
+    os.makedirs(output_dir, exist_ok=True)
+    count = 0
+    for frame in job["done_frames"]:
+        if frame in fetched:
+            continue
+        name = job["frame_files"][str(frame)]
+        target = os.path.join(output_dir, name)
+        temp_path = target + ".part"
+        client.download("/api/jobs/%d/frames/%d.png" % (job["id"], frame),
+                        temp_path)
+        os.replace(temp_path, target)
+        fetched.add(frame)
+        count += 1
+    return count
+
+
+def command_serve(args):
+    farm = Farm(args.data, lease_seconds=args.lease,
+                max_attempts=args.max_attempts)
+    farm.recover()
+    try:
+        server = FarmHTTPServer((args.bind, args.port), farm)
+    except OSError as error:
+        raise CommandError("cannot listen on %s port %d: %s"
+                           % (args.bind, args.port, error))
+    port = server.server_address[1]
+    host = args.bind
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    if ":" in host:
+        host = "[%s]" % host
+    url = "http://%s:%d/" % (host, port)
+    threading.Thread(target=farm.housekeeping, daemon=True,
+                     name="housekeeping").start()
+    print("httpov %s serving %s on %s port %d"
+          % (__version__, farm.data_dir, args.bind, port))
+    print("Status page:  %s?token=%s" % (url, farm.tokens["admin"]))
+    print("Start workers: python3 httpov.py work %s --token %s"
+          % (url, farm.tokens["worker"]))
+    print("Submit a job:  python3 httpov.py submit %s SCENE --token %s"
+          % (url, farm.tokens["admin"]))
+    sys.stdout.flush()
+    server_log.info("listening on %s port %d", args.bind, port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server_log.info("stopped by Ctrl-C")
+    finally:
+        farm.stopping.set()
+        server.server_close()
+    return 0
+
+
+def command_token(args):
+    path = os.path.join(args.data, "tokens.json")
+    if not os.path.exists(path):
+        raise CommandError("no tokens in %s: start 'httpov.py serve --data "
+                           "%s' once to create them" % (args.data, args.data))
+    tokens = load_or_create_tokens(args.data)
+    print("admin %s" % tokens["admin"])
+    print("worker %s" % tokens["worker"])
+    return 0
+
+
+def command_work(args):
+    worker = Worker(args.url, token_from(args), name=args.name,
+                    group=args.group, povray=args.povray,
+                    threads=args.threads, workdir=args.workdir,
+                    once=args.once)
+    presses = [0]
+
+    def on_interrupt(number, frame):
+        presses[0] += 1
+        if presses[0] == 1:
+            sys.stderr.write("\nfinishing the current task; press Ctrl-C "
+                             "again to stop now\n")
+            worker.stop()
+        else:
+            sys.stderr.write("\nstopping POV-Ray and giving the task back\n")
+            worker.stop(now=True)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda number, frame:
+                      worker.stop(now=True))
+    return worker.run()
+
+
+def command_submit(args):
+    client = ApiClient(args.url, token_from(args))
+    try:
+        job = submit_job(client, args.path, job_options_from_args(args),
+                         args.povray_options)
+    except ApiError as error:
+        raise CommandError("submit rejected: %s" % error.message)
+    log.info("job %d %r: %d frames, %d tasks", job["id"], job["name"],
+             job["frames"], job["tasks"])
+    print(job["id"])
+    return 0
+
+
+def command_status(args):
+    client = ApiClient(args.url, token_from(args))
+    if args.job is None:
+        answer = client.call("GET", "/api/jobs")
+        if args.json:
+            print(json.dumps(answer, indent=1))
+        elif not answer["jobs"]:
+            print("no jobs")
+        for job in [] if args.json else answer["jobs"]:
+            print(format_job_line(job))
+        return 0
+    job = client.call("GET", "/api/jobs/%d" % args.job)
+    if args.json:
+        print(json.dumps(job, indent=1))
+        return 0
+    print(format_job_line(job))
+    if job["error"]:
+        print("error: %s" % job["error"])
+    for task in job["failed_tasks"]:
+        print("failed task %d (frames %d-%d, rows %d-%d) on worker %s: %s"
+              % (task["id"], task["frame_first"], task["frame_last"],
+                 task["row_first"], task["row_last"], task["worker_id"],
+                 task["error"]))
+    for task in job["running_tasks"]:
+        print("running task %d (frames %d-%d) on worker %s: %.0f%%"
+              % (task["id"], task["frame_first"], task["frame_last"],
+                 task["worker_id"], 100 * task["progress"]))
+    return 0
+
+
+def command_fetch(args):
+    client = ApiClient(args.url, token_from(args))
+    fetched = set()
+    while True:
+        job = client.call("GET", "/api/jobs/%d" % args.job)
+        count = fetch_frames(client, job, args.output, fetched)
+        if count:
+            log.info("job %d: fetched %d frames into %s", args.job, count,
+                     args.output)
+        if not args.wait or job["state"] in FINAL_JOB_STATES:
+            break
+        time.sleep(FETCH_POLL_SECONDS)
+    if len(fetched) == job["frames"]:
+        print("job %d: all %d frames in %s" % (args.job, len(fetched),
+                                               args.output))
+        return 0
+    message = ("job %d is %s: %d of %d frames fetched into %s"
+               % (args.job, job["state"], len(fetched), job["frames"],
+                  args.output))
+    if job["error"]:
+        message += "\nerror: %s" % job["error"]
+    raise CommandError(message)
+
+
+def command_job(args):
+    client = ApiClient(args.url, token_from(args))
+    if args.action is None and args.priority is None and \
+            args.max_workers is None:
+        raise CommandError("nothing to do: give an action (pause, resume, "
+                           "cancel, retry, delete) or --priority or "
+                           "--max-workers")
+    changes = {}
+    if args.priority is not None:
+        changes["priority"] = args.priority
+    if args.max_workers is not None:
+        changes["max_workers"] = args.max_workers
+    if changes:
+        job = client.call("POST", "/api/jobs/%d" % args.job, changes)
+        print("job %d: priority %d, max workers %d"
+              % (job["id"], job["priority"], job["max_workers"]))
+    if args.action:
+        answer = client.call("POST", "/api/jobs/%d/%s" % (args.job,
+                                                          args.action))
+        print("job %d: %s" % (args.job, answer["state"]))
+    return 0
+
+
+def command_render(args):
+    """Render a scene on this machine: embedded server plus workers."""
+    if not args.verbose:
+        # The progress line replaces the per-task log lines.
+        server_log.setLevel(logging.WARNING)
+        worker_log.setLevel(logging.WARNING)
+    cores = os.cpu_count() or 1
+    workers = args.workers or max(2, cores)
+    threads = max(1, cores // workers)
+    temp_dir = tempfile.mkdtemp(prefix="httpov-render-")
+    farm = Farm(os.path.join(temp_dir, "data"), lease_seconds=args.lease)
+    server = FarmHTTPServer(("127.0.0.1", 0), farm)
+    url = "http://127.0.0.1:%d/" % server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True,
+                     name="server").start()
+    threading.Thread(target=farm.housekeeping, daemon=True,
+                     name="housekeeping").start()
+    client = ApiClient(url, farm.tokens["admin"])
+    pool = []
+    try:
+        try:
+            job = submit_job(client, args.path, job_options_from_args(args),
+                             args.povray_options)
+        except ApiError as error:
+            raise CommandError("cannot render %s: %s" % (args.path,
+                                                         error.message))
+        for number in range(workers):
+            worker = Worker(url, farm.tokens["worker"],
+                            name="local-%d" % (number + 1),
+                            povray=args.povray, threads=threads,
+                            workdir=os.path.join(temp_dir, "worker-%d"
+                                                 % number),
+                            console=False)
+            thread = threading.Thread(target=worker.run, daemon=True,
+                                      name=worker.name)
+            thread.start()
+            pool.append((worker, thread))
+        log.info("rendering job %d %r: %d frames, %d tasks, %d workers "
+                 "with %d threads each", job["id"], job["name"],
+                 job["frames"], job["tasks"], workers, threads)
+        fetched = set()
+        started = time.time()
+        while True:
+            job = client.call("GET", "/api/jobs/%d" % job["id"])
+            fetch_frames(client, job, args.output, fetched)
+            show_render_progress(job, time.time() - started)
+            if job["state"] in FINAL_JOB_STATES:
+                break
+            time.sleep(STATUS_POLL_SECONDS)
+        sys.stderr.write("\n")
+        if job["state"] != "done":
+            lines = ["render %s: %s" % (job["state"], job["error"] or "")]
+            for task in job["failed_tasks"][:5]:
+                lines.append("  task %d: %s" % (task["id"], task["error"]))
+            raise CommandError("\n".join(lines))
+        print("%d frames in %s (%.1f s)" % (len(fetched), args.output,
+                                            time.time() - started))
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write("\nrender interrupted\n")
+        return 130
+    finally:
+        for worker, _ in pool:
+            worker.stop(now=True)
+        for _, thread in pool:
+            thread.join(10)
+        farm.stopping.set()
+        server.shutdown()
+        server.server_close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def show_render_progress(job, elapsed):
+    fraction = job["tasks_done"] / max(job["tasks"], 1)
+    line = ("\r%s: %3.0f%%  frames %d/%d  tasks %d/%d (%d running)  %.0f s"
+            % (job["name"][:30], 100 * fraction, job["frames_done"],
+               job["frames"], job["tasks_done"], job["tasks"],
+               job["tasks_running"], elapsed))
+    sys.stderr.write(line)
+    sys.stderr.flush()
+
+
+def add_job_options(parser):
+    group = parser.add_argument_group(
+        "job options", "POV-Ray options go after --, for example "
+        "'-- +W640 +H480 +A0.3'")
+    group.add_argument("--name", help="job name (default: the file name)")
+    group.add_argument("--frames", metavar="FIRST-LAST",
+                       help="render only these frames of the animation")
+    group.add_argument("--slices", type=int, metavar="N",
+                       help="split every frame into about N slices")
+    group.add_argument("--rows-per-slice", type=int, metavar="R",
+                       dest="rows_per_slice",
+                       help="split every frame into slices of R rows "
+                       "(rounded up to POV-Ray's render block size, 32)")
+    group.add_argument("--frames-per-task", type=int, metavar="N",
+                       dest="frames_per_task",
+                       help="frames in one task (default 1)")
+    group.add_argument("--max-workers", type=int, metavar="N",
+                       dest="max_workers",
+                       help="workers on this job at once (0: no limit)")
+    group.add_argument("--priority", type=int, metavar="P",
+                       help="higher priorities are rendered first "
+                       "(default 0)")
+    group.add_argument("--scene", metavar="FILE",
+                       help="the .ini or .pov inside the job to render, "
+                       "when the job holds several")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="httpov.py",
+        description="A distributed POV-Ray render farm: serve, work, "
+        "submit, status, fetch, job, render.")
+    parser.add_argument("--version", action="version",
+                        version="httpov " + __version__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--bind", default="0.0.0.0",
+                       help="address to listen on (default 0.0.0.0, all)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help="TCP port (default %d)" % DEFAULT_PORT)
+    serve.add_argument("--data", default=DEFAULT_DATA_DIR,
+                       help="data folder (default ./%s)" % DEFAULT_DATA_DIR)
+    serve.add_argument("--lease", type=float, default=DEFAULT_LEASE_SECONDS,
+                       metavar="SECONDS",
+                       help="lease length in seconds (default %d)"
+                       % DEFAULT_LEASE_SECONDS)
+    serve.add_argument("--max-attempts", type=int, dest="max_attempts",
+                       default=DEFAULT_MAX_ATTEMPTS, metavar="N",
+                       help="attempts per task before its job fails "
+                       "(default %d)" % DEFAULT_MAX_ATTEMPTS)
+
+    token = commands.add_parser("token", help="print the server's tokens")
+    token.add_argument("--data", default=DEFAULT_DATA_DIR,
+                       help="data folder (default ./%s)" % DEFAULT_DATA_DIR)
+
+    work = commands.add_parser("work", help="render tasks from a server")
+    work.add_argument("url", help="server URL, e.g. http://HOST:8080/")
+    work.add_argument("--token", help="worker token (or HTTPOV_TOKEN)")
+    work.add_argument("--name", help="worker name (default: host name)")
+    work.add_argument("--group", default="", help="worker group")
+    work.add_argument("--povray", default="povray",
+                      help="POV-Ray executable (default: povray)")
+    work.add_argument("--threads", type=int, metavar="N",
+                      help="render threads (default: every core)")
+    work.add_argument("--workdir", metavar="DIR",
+                      help="cache and scratch folder (default %s)"
+                      % default_workdir())
+    work.add_argument("--once", action="store_true",
+                      help="render at most one task, then exit")
+
+    submit = commands.add_parser("submit", help="submit a job")
+    submit.add_argument("url", help="server URL")
+    submit.add_argument("path", help="folder, .zip, .pov or .ini file")
+    submit.add_argument("--token", help="admin token (or HTTPOV_TOKEN)")
+    add_job_options(submit)
+
+    status = commands.add_parser("status", help="show jobs")
+    status.add_argument("url", help="server URL")
+    status.add_argument("job", nargs="?", type=int, help="job id")
+    status.add_argument("--token", help="admin token (or HTTPOV_TOKEN)")
+    status.add_argument("--json", action="store_true",
+                        help="print the API's JSON")
+
+    fetch = commands.add_parser("fetch", help="download finished frames")
+    fetch.add_argument("url", help="server URL")
+    fetch.add_argument("job", type=int, help="job id")
+    fetch.add_argument("--token", help="admin token (or HTTPOV_TOKEN)")
+    fetch.add_argument("-o", "--output", default=".",
+                       help="folder for the PNGs (default: .)")
+    fetch.add_argument("--wait", action="store_true",
+                       help="wait until the job ends")
+
+    job = commands.add_parser("job", help="pause, resume, cancel, retry, "
+                              "delete or change a job")
+    job.add_argument("url", help="server URL")
+    job.add_argument("job", type=int, help="job id")
+    job.add_argument("action", nargs="?", choices=(
+        "pause", "resume", "cancel", "retry", "delete"))
+    job.add_argument("--token", help="admin token (or HTTPOV_TOKEN)")
+    job.add_argument("--priority", type=int, help="new priority")
+    job.add_argument("--max-workers", type=int, dest="max_workers",
+                     help="new worker limit (0: no limit)")
+
+    render = commands.add_parser(
+        "render", help="render on this machine with local workers")
+    render.add_argument("path", help="folder, .zip, .pov or .ini file")
+    render.add_argument("-o", "--output", default=DEFAULT_RENDER_OUTPUT,
+                        help="folder for the PNGs (default ./%s)"
+                        % DEFAULT_RENDER_OUTPUT)
+    render.add_argument("--workers", type=int, metavar="N",
+                        help="local workers (default: one per core, at "
+                        "least 2)")
+    render.add_argument("--povray", default="povray",
+                        help="POV-Ray executable (default: povray)")
+    render.add_argument("--lease", type=float,
+                        default=DEFAULT_LEASE_SECONDS, help=argparse.SUPPRESS)
+    add_job_options(render)
+    return parser
+
+
+COMMANDS = {
+    "serve": command_serve, "token": command_token, "work": command_work,
+    "submit": command_submit, "status": command_status,
+    "fetch": command_fetch, "job": command_job, "render": command_render,
+}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    povray_options = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, povray_options = argv[:split], argv[split + 1:]
+    args = build_parser().parse_args(argv)
+    args.povray_options = povray_options
+    if povray_options and args.command not in ("submit", "render"):
+        build_parser().error("POV-Ray options after -- are only for submit "
+                             "and render")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (CommandError, UserError) as error:
+        sys.stderr.write("httpov: %s\n" % error)
+        return 1
+    except ApiError as error:
+        sys.stderr.write("httpov: server answered %d: %s\n"
+                         % (error.status, error.message))
+        return 1
+    except ServerUnreachable as error:
+        sys.stderr.write("httpov: %s\n" % error)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
