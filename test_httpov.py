@@ -1,0 +1,1016 @@
+"""Tests for httpov.py, grouped in the order of its sections.
+
+Run with ``python3 -m unittest -v test_httpov``. Tests that need POV-Ray
+or Pillow skip without them, unless HTTPOV_CI=1 is set (as .ci/run
+does), which turns a missing tool into a failure.
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+
+import httpov
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(HERE, "examples")
+POVRAY = shutil.which("povray")
+IN_CI = os.environ.get("HTTPOV_CI") == "1"
+
+try:
+    from PIL import Image
+except ImportError:
+    Image = None
+
+
+def needs_povray(test):
+    """Skip a test without POV-Ray, or fail it in CI."""
+    if POVRAY or IN_CI:
+        return test
+    return unittest.skip("POV-Ray is not installed")(test)
+
+
+def needs_pillow(test):
+    if Image is not None or IN_CI:
+        return test
+    return unittest.skip("Pillow is not installed")(test)
+
+
+def make_zip(path, members):
+    """Write a zip; members maps names to bytes or ZipInfo tweaks."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+SPHERE_SCENE = b"""
+camera { location <0, 1, -4> look_at <0, 0.5, 0> }
+light_source { <3, 5, -4> color rgb 1 }
+plane { y, 0 pigment { checker color rgb 0.2 color rgb 0.9 } }
+sphere { <0, 0.8, 0>, 0.8
+  pigment { color rgb <clock, 0.4, 1 - clock> }
+  finish { specular 0.6 reflection 0.2 } }
+"""
+
+
+# ---------------------------------------------------------------------------
+# 2. POV-Ray settings
+# ---------------------------------------------------------------------------
+
+class SettingsTest(unittest.TestCase):
+
+    def test_switch_width_and_height(self):
+        self.assertEqual(httpov.parse_switch("+W640"), ("width", "640"))
+        self.assertEqual(httpov.parse_switch("+h480"), ("height", "480"))
+
+    def test_switch_animation(self):
+        self.assertEqual(httpov.parse_switch("+KFI0"),
+                         ("initial_frame", "0"))
+        self.assertEqual(httpov.parse_switch("+KFF24"),
+                         ("final_frame", "24"))
+        self.assertEqual(httpov.parse_switch("+KC"), ("cyclic", True))
+        self.assertEqual(httpov.parse_switch("-KC"), ("cyclic", False))
+
+    def test_switch_not_read_by_farm(self):
+        self.assertEqual(httpov.parse_switch("+A0.3"), (None, None))
+        self.assertEqual(httpov.parse_switch("+Q9"), (None, None))
+
+    def test_switch_output_type(self):
+        self.assertEqual(httpov.parse_switch("+FN16"),
+                         ("file_type", "N16"))
+        self.assertEqual(httpov.parse_switch("+UA"), ("alpha", True))
+
+    def test_ini_keys_comments_switches(self):
+        pairs = httpov.read_ini_text(
+            "; a comment\nWidth = 320 ; trailing\n+H200\n"
+            "Input_File_Name=\"scene.pov\"\nAntialias=on\n")
+        settings = dict(pair for pair in pairs if pair[0])
+        self.assertEqual(settings["width"], "320")
+        self.assertEqual(settings["height"], "200")
+        self.assertEqual(settings["input_file"], "scene.pov")
+
+    def test_ini_stops_at_first_section(self):
+        pairs = httpov.read_ini_text("Width=20\n[big]\nWidth=40\n")
+        self.assertEqual(pairs, [("width", "20")])
+
+    def test_ini_rejects_shell_commands(self):
+        with self.assertRaisesRegex(httpov.UserError, "shell command"):
+            httpov.read_ini_text("Pre_Scene_Command=rm -rf /\n")
+
+    def test_ini_rejects_nested_ini(self):
+        with self.assertRaisesRegex(httpov.UserError, "nested INI"):
+            httpov.read_ini_text("other.ini\n")
+
+    def test_options_reject_farm_settings(self):
+        for option in ("+Oout.png", "+SR10", "+ER20", "+SF2", "+EF3",
+                       "+SC5", "Output_File_Name=x.png", "+HIx.inc"):
+            with self.subTest(option=option):
+                with self.assertRaises(httpov.UserError):
+                    httpov.read_povray_options([option])
+
+    def test_options_reject_garbage(self):
+        with self.assertRaisesRegex(httpov.UserError, "expected a switch"):
+            httpov.read_povray_options(["scene"])
+        with self.assertRaisesRegex(httpov.UserError, "line break"):
+            httpov.read_povray_options(["+W10\n+H10"])
+
+    def test_defaults_match_povray(self):
+        settings = httpov.resolve_settings([])
+        self.assertEqual((settings["width"], settings["height"]),
+                         (800, 600))
+        self.assertFalse(settings["animated"])
+        self.assertEqual(settings["depth"], 8)
+        self.assertEqual(settings["block_size"], 32)
+
+    def test_later_options_win(self):
+        pairs = httpov.read_ini_text("Width=320\nHeight=240\n")
+        pairs += httpov.read_povray_options(["+W640", "+FN16", "+UA"])
+        settings = httpov.resolve_settings(pairs)
+        self.assertEqual(settings["width"], 640)
+        self.assertEqual(settings["height"], 240)
+        self.assertEqual(settings["depth"], 16)
+        self.assertTrue(settings["alpha"])
+
+    def test_animation_settings(self):
+        settings = httpov.resolve_settings(httpov.read_ini_text(
+            "Initial_Frame=1\nFinal_Frame=30\nCyclic_Animation=on\n"))
+        self.assertTrue(settings["animated"])
+        self.assertTrue(settings["cyclic"])
+        self.assertEqual((settings["initial_frame"],
+                          settings["final_frame"]), (1, 30))
+
+    def test_reversed_animation_rejected(self):
+        with self.assertRaisesRegex(httpov.UserError, "comes before"):
+            httpov.resolve_settings([("initial_frame", "10"),
+                                     ("final_frame", "2")])
+
+    def test_size_limits(self):
+        for pairs in ([("width", "0")], [("height", "-5")],
+                      [("width", "abc")], [("width", "100000")]):
+            with self.subTest(pairs=pairs):
+                with self.assertRaises(httpov.UserError):
+                    httpov.resolve_settings(pairs)
+
+    def test_ini_rows_rejected(self):
+        with self.assertRaisesRegex(httpov.UserError, "Start Row"):
+            httpov.resolve_settings([("start_row", "10")])
+
+
+# ---------------------------------------------------------------------------
+# 3. Jobs: archives, scenes and task splitting
+# ---------------------------------------------------------------------------
+
+class SliceTest(unittest.TestCase):
+
+    def test_unsliced_is_one_range(self):
+        self.assertEqual(httpov.plan_slices(600, 32), [(1, 600)])
+
+    def test_slices_start_on_block_rows(self):
+        ranges = httpov.plan_slices(600, 32, slices=4)
+        self.assertEqual(ranges, [(1, 160), (161, 320), (321, 480),
+                                  (481, 600)])
+        for first, _ in ranges:
+            self.assertEqual((first - 1) % 32, 0)
+
+    def test_height_not_multiple_of_block(self):
+        ranges = httpov.plan_slices(100, 32, rows_per_slice=32)
+        self.assertEqual(ranges, [(1, 32), (33, 64), (65, 96), (97, 100)])
+
+    def test_slices_cover_every_row_once(self):
+        for height in (1, 2, 31, 32, 33, 63, 64, 65, 479, 1080):
+            for count in (1, 2, 3, 7, 50):
+                with self.subTest(height=height, count=count):
+                    ranges = httpov.plan_slices(
+                        height, 32, slices=min(count, height))
+                    rows = [row for first, last in ranges
+                            for row in range(first, last + 1)]
+                    self.assertEqual(rows, list(range(1, height + 1)))
+
+    def test_one_row_image(self):
+        self.assertEqual(httpov.plan_slices(1, 32, slices=1), [(1, 1)])
+        self.assertEqual(httpov.plan_slices(1, 32, rows_per_slice=1),
+                         [(1, 1)])
+
+    def test_no_slice_ends_at_row_one(self):
+        ranges = httpov.plan_slices(10, 1, rows_per_slice=1)
+        self.assertEqual(ranges[0], (1, 2))
+        self.assertTrue(all(last > 1 for _, last in ranges))
+
+    def test_custom_block_size(self):
+        ranges = httpov.plan_slices(100, 16, rows_per_slice=20)
+        self.assertEqual(ranges[:2], [(1, 32), (33, 64)])
+
+    def test_more_slices_than_blocks(self):
+        ranges = httpov.plan_slices(64, 32, slices=10)
+        self.assertEqual(ranges, [(1, 32), (33, 64)])
+
+
+class TaskPlanTest(unittest.TestCase):
+
+    def test_single_frame(self):
+        tasks = list(httpov.plan_tasks(0, 0, [(1, 240)], 1))
+        self.assertEqual(tasks, [(0, 0, 1, 240)])
+
+    def test_frames_per_task(self):
+        tasks = list(httpov.plan_tasks(1, 10, [(1, 240)], 4))
+        self.assertEqual([(first, last) for first, last, _, _ in tasks],
+                         [(1, 4), (5, 8), (9, 10)])
+
+    def test_frame_subset(self):
+        tasks = list(httpov.plan_tasks(5, 7, [(1, 240)], 1))
+        self.assertEqual([task[0] for task in tasks], [5, 6, 7])
+
+    def test_sliced_animation(self):
+        tasks = list(httpov.plan_tasks(1, 2, [(1, 32), (33, 50)], 5))
+        self.assertEqual(tasks, [(1, 1, 1, 32), (1, 1, 33, 50),
+                                 (2, 2, 1, 32), (2, 2, 33, 50)])
+
+
+class ArchiveTest(unittest.TestCase):
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+
+    def archive(self, members):
+        return make_zip(os.path.join(self.folder, "job.zip"), members)
+
+    def test_plain_layout(self):
+        layout = httpov.inspect_archive(self.archive(
+            {"scene.pov": b"x", "inc/a.inc": b"y"}))
+        self.assertEqual(layout["root"], "")
+        self.assertEqual(layout["files"], ["inc/a.inc", "scene.pov"])
+
+    def test_httpov_layout_has_root_folder(self):
+        layout = httpov.inspect_archive(self.archive(
+            {"demo/pov.ini": b"Input_File_Name=demo.pov\n",
+             "demo/demo.pov": b"x"}))
+        self.assertEqual(layout["root"], "demo/")
+        self.assertEqual(layout["files"], ["demo.pov", "pov.ini"])
+
+    def test_hostile_names_rejected(self):
+        for name in ("/etc/passwd", "../escape.pov", "a/../../b.pov",
+                     "C:/windows.pov", "a\\b.pov", "./x/./y.pov"):
+            with self.subTest(name=name):
+                path = self.archive({name: b"x"})
+                with self.assertRaises(httpov.UserError):
+                    httpov.inspect_archive(path)
+
+    def test_symlink_rejected(self):
+        path = os.path.join(self.folder, "link.zip")
+        with zipfile.ZipFile(path, "w") as archive:
+            info = zipfile.ZipInfo("link.pov")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd")
+        with self.assertRaisesRegex(httpov.UserError, "symbolic link"):
+            httpov.inspect_archive(path)
+
+    def test_duplicate_names_rejected(self):
+        path = os.path.join(self.folder, "dup.zip")
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("a.pov", "x")
+            archive.writestr("A.POV", "y")
+        with self.assertRaisesRegex(httpov.UserError, "twice"):
+            httpov.inspect_archive(path)
+
+    def test_zip_bomb_rejected(self):
+        path = os.path.join(self.folder, "bomb.zip")
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("big.pov", b"\0" * (50 << 20))
+        with self.assertRaisesRegex(httpov.UserError, "zip bomb"):
+            httpov.inspect_archive(path)
+
+    def test_not_a_zip(self):
+        path = os.path.join(self.folder, "bad.zip")
+        with open(path, "wb") as out:
+            out.write(b"not a zip")
+        with self.assertRaisesRegex(httpov.UserError, "not a valid zip"):
+            httpov.inspect_archive(path)
+
+    def test_choose_single_ini(self):
+        layout = {"files": ["a.ini", "a.pov", "b.pov"]}
+        self.assertEqual(httpov.choose_scene(layout), ("a.ini", None))
+
+    def test_choose_single_pov(self):
+        layout = {"files": ["a.pov", "inc/x.inc"]}
+        self.assertEqual(httpov.choose_scene(layout), (None, "a.pov"))
+
+    def test_choose_ambiguous(self):
+        with self.assertRaisesRegex(httpov.UserError, "--scene"):
+            httpov.choose_scene({"files": ["a.pov", "b.pov"]})
+
+    def test_prepare_job_frames_and_subset(self):
+        path = self.archive({
+            "anim.ini": b"Input_File_Name=anim.pov\nInitial_Frame=1\n"
+                        b"Final_Frame=30\nCyclic_Animation=on\n",
+            "anim.pov": SPHERE_SCENE})
+        plan = httpov.prepare_job(path, {"frames": "5-9"})
+        self.assertEqual((plan["first_frame"], plan["last_frame"]), (5, 9))
+        self.assertEqual(plan["task_count"], 5)
+        self.assertTrue(plan["settings"]["cyclic"])
+        self.assertEqual(plan["name"], "anim")
+
+    def test_prepare_job_subset_out_of_range(self):
+        path = self.archive({
+            "anim.ini": b"Input_File_Name=anim.pov\nFinal_Frame=10\n",
+            "anim.pov": SPHERE_SCENE})
+        with self.assertRaisesRegex(httpov.UserError, "frames 1-10"):
+            httpov.prepare_job(path, {"frames": "8-12"})
+
+    def test_prepare_job_frames_on_still(self):
+        path = self.archive({"still.pov": SPHERE_SCENE})
+        with self.assertRaisesRegex(httpov.UserError, "not an animation"):
+            httpov.prepare_job(path, {"frames": "1-2"})
+
+    def test_prepare_job_options_make_animation(self):
+        path = self.archive({"still.pov": SPHERE_SCENE})
+        plan = httpov.prepare_job(path, {
+            "povray_options": ["+KFF4", "+W64", "+H48"], "slices": "2"})
+        self.assertEqual((plan["first_frame"], plan["last_frame"]), (1, 4))
+        self.assertEqual(plan["row_ranges"], [(1, 32), (33, 48)])
+        self.assertEqual(plan["task_count"], 8)
+
+    def test_prepare_job_missing_scene(self):
+        path = self.archive({"job.ini": b"Input_File_Name=gone.pov\n",
+                             "other.txt": b"x"})
+        with self.assertRaisesRegex(httpov.UserError, "gone.pov"):
+            httpov.prepare_job(path, {})
+
+    def test_prepare_job_slices_and_rows_conflict(self):
+        path = self.archive({"still.pov": SPHERE_SCENE})
+        with self.assertRaisesRegex(httpov.UserError, "not both"):
+            httpov.prepare_job(path, {"slices": "2",
+                                      "rows_per_slice": "64"})
+
+    def test_frame_file_names(self):
+        settings = {"animated": True, "final_frame": 120, "cyclic": False}
+        self.assertEqual(httpov.frame_file_name("My scene", 7, settings),
+                         "My_scene_007.png")
+        self.assertEqual(httpov.frame_file_name(
+            "a", 1, {"animated": False}), "a.png")
+
+
+# ---------------------------------------------------------------------------
+# 4. Images
+# ---------------------------------------------------------------------------
+
+def filter_scanlines(rows, pixel_bytes, filter_types):
+    """Filter raw rows with the given PNG filter types (test encoder)."""
+    prior = bytes(len(rows[0]))
+    result = []
+    for row, filter_type in zip(rows, filter_types):
+        out = bytearray(len(row))
+        for i, value in enumerate(row):
+            left = row[i - pixel_bytes] if i >= pixel_bytes else 0
+            above = prior[i]
+            corner = prior[i - pixel_bytes] if i >= pixel_bytes else 0
+            if filter_type == 0:
+                predictor = 0
+            elif filter_type == 1:
+                predictor = left
+            elif filter_type == 2:
+                predictor = above
+            elif filter_type == 3:
+                predictor = (left + above) >> 1
+            else:
+                estimate = left + above - corner
+                distances = (abs(estimate - left), abs(estimate - above),
+                             abs(estimate - corner))
+                predictor = (left, above, corner)[distances.index(
+                    min(distances))]
+            out[i] = (value - predictor) & 255
+        result.append((filter_type, bytes(out)))
+        prior = row
+    return result
+
+
+def random_rows(width, height, pixel_bytes, seed=1):
+    generator = __import__("random").Random(seed)
+    return [bytes(generator.randrange(256) for _ in range(width *
+                                                           pixel_bytes))
+            for _ in range(height)]
+
+
+class PngTest(unittest.TestCase):
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+
+    def write(self, name, info, rows, filter_types=None):
+        path = os.path.join(self.folder, name)
+        types = filter_types or [row % 5 for row in range(len(rows))]
+        httpov.write_png(path, info, filter_scanlines(
+            rows, info.pixel_bytes, types))
+        return path
+
+    def decode(self, path):
+        rows = httpov.iter_png_rows(path)
+        info, _ = next(rows)
+        return info, list(rows)
+
+    def test_round_trip_every_filter(self):
+        for color_type, depth in ((2, 8), (6, 8), (2, 16), (6, 16),
+                                  (0, 8), (4, 16)):
+            with self.subTest(color_type=color_type, depth=depth):
+                info = httpov.ImageInfo(13, 11, depth, color_type)
+                rows = random_rows(13, 11, info.pixel_bytes)
+                path = self.write("round.png", info, rows)
+                decoded_info, decoded = self.decode(path)
+                self.assertEqual(decoded_info, info)
+                self.assertEqual(decoded, rows)
+
+    @needs_pillow
+    def test_decoder_matches_pillow(self):
+        info = httpov.ImageInfo(17, 10, 8, 6)
+        rows = random_rows(17, 10, 4, seed=7)
+        path = self.write("pillow.png", info, rows)
+        image = Image.open(path)
+        self.assertEqual(image.mode, "RGBA")
+        self.assertEqual(image.tobytes(), b"".join(self.decode(path)[1]))
+
+    @needs_pillow
+    def test_decoder_reads_pillow_png(self):
+        image = Image.frombytes("RGB", (31, 9), bytes(
+            (i * 7) % 256 for i in range(31 * 9 * 3)))
+        path = os.path.join(self.folder, "from-pillow.png")
+        image.save(path, optimize=True)
+        self.assertEqual(b"".join(self.decode(path)[1]), image.tobytes())
+
+    def test_crop_keeps_exact_rows(self):
+        info = httpov.ImageInfo(9, 20, 8, 2)
+        rows = random_rows(9, 20, 3, seed=3)
+        path = self.write("full.png", info, rows)
+        target = os.path.join(self.folder, "crop.png")
+        cropped = httpov.crop_png(path, target, 5, 12)
+        self.assertEqual(cropped.height, 8)
+        self.assertEqual(self.decode(target)[1], rows[4:12])
+
+    def test_stitch_equals_whole_image(self):
+        for depth, color_type in ((8, 2), (16, 6)):
+            with self.subTest(depth=depth, color_type=color_type):
+                info = httpov.ImageInfo(7, 23, depth, color_type)
+                rows = random_rows(7, 23, info.pixel_bytes, seed=depth)
+                parts = []
+                for number, (first, last) in enumerate(
+                        ((0, 8), (8, 16), (16, 23))):
+                    part = info._replace(height=last - first)
+                    # Slices start with Average, Paeth and Up rows, which
+                    # refer to the row above and must be re-filtered.
+                    types = [(3, 4, 2)[number]] + [
+                        row % 5 for row in range(last - first - 1)]
+                    parts.append(self.write("part%d.png" % number, part,
+                                            rows[first:last], types))
+                target = os.path.join(self.folder, "stitched.png")
+                httpov.stitch_pngs(target, parts, 7, 23)
+                decoded_info, decoded = self.decode(target)
+                self.assertEqual(decoded_info, info)
+                self.assertEqual(decoded, rows)
+
+    def test_stitch_rejects_wrong_total(self):
+        info = httpov.ImageInfo(4, 4, 8, 2)
+        path = self.write("a.png", info, random_rows(4, 4, 3))
+        with self.assertRaisesRegex(httpov.ImageError, "8 rows"):
+            httpov.stitch_pngs(os.path.join(self.folder, "out.png"),
+                               [path, path], 4, 9)
+
+    def test_truncated_png_rejected(self):
+        info = httpov.ImageInfo(20, 20, 8, 2)
+        path = self.write("t.png", info, random_rows(20, 20, 3))
+        with open(path, "rb") as source:
+            data = source.read()
+        for cut in (10, 40, len(data) - 30):
+            with self.subTest(cut=cut):
+                with open(path, "wb") as out:
+                    out.write(data[:cut])
+                with self.assertRaises(httpov.ImageError):
+                    httpov.check_png(path)
+
+    def test_bad_crc_rejected(self):
+        info = httpov.ImageInfo(5, 5, 8, 2)
+        path = self.write("crc.png", info, random_rows(5, 5, 3))
+        with open(path, "r+b") as out:
+            out.seek(20)
+            out.write(b"\xff")
+        with self.assertRaisesRegex(httpov.ImageError, "CRC"):
+            httpov.check_png(path)
+
+    def test_wrong_size_rejected(self):
+        info = httpov.ImageInfo(5, 6, 8, 2)
+        path = self.write("size.png", info, random_rows(5, 6, 3))
+        with self.assertRaisesRegex(httpov.ImageError, "expected 5x7"):
+            httpov.check_png(path, 5, 7)
+
+    def test_too_many_rows_rejected(self):
+        path = os.path.join(self.folder, "extra.png")
+        raw = b"".join(b"\0" + bytes(6) for _ in range(3))
+        with open(path, "wb") as out:
+            out.write(httpov.PNG_SIGNATURE)
+            out.write(httpov.png_chunk(b"IHDR", struct.pack(
+                ">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)))
+            out.write(httpov.png_chunk(b"IDAT", zlib.compress(raw)))
+            out.write(httpov.png_chunk(b"IEND", b""))
+        with self.assertRaisesRegex(httpov.ImageError, "more rows"):
+            httpov.check_png(path)
+
+    @needs_pillow
+    def test_ppm_with_comments_matches_pillow(self):
+        rows = random_rows(6, 5, 3, seed=9)
+        path = os.path.join(self.folder, "in.ppm")
+        with open(path, "wb") as out:
+            out.write(b"P6\n# made by a test\n6 5\n# another\n255\n")
+            out.write(b"".join(rows))
+        target = os.path.join(self.folder, "out.png")
+        httpov.ppm_to_png(path, target, 2, 4)
+        self.assertEqual(self.decode(target)[1], rows[1:4])
+        image = Image.open(path)
+        self.assertEqual(image.tobytes(), b"".join(rows))
+
+    def test_ppm_16_bit(self):
+        rows = random_rows(3, 2, 6, seed=4)
+        path = os.path.join(self.folder, "deep.ppm")
+        with open(path, "wb") as out:
+            out.write(b"P6 3 2 65535\n" + b"".join(rows))
+        target = os.path.join(self.folder, "deep.png")
+        info = httpov.ppm_to_png(path, target)
+        self.assertEqual(info.depth, 16)
+        self.assertEqual(self.decode(target)[1], rows)
+
+    def test_ppm_truncated(self):
+        path = os.path.join(self.folder, "short.ppm")
+        with open(path, "wb") as out:
+            out.write(b"P6 4 4 255\n" + bytes(20))
+        with self.assertRaisesRegex(httpov.ImageError, "truncated"):
+            httpov.ppm_to_png(path, os.path.join(self.folder, "x.png"))
+
+
+@needs_povray
+class PovrayImageTest(unittest.TestCase):
+    """POV-Ray's own PNGs use all five filters; its PPMs are the oracle."""
+
+    def setUp(self):
+        self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        with open(os.path.join(self.folder, "s.pov"), "wb") as out:
+            out.write(SPHERE_SCENE)
+
+    def render(self, *options):
+        subprocess.run([POVRAY, "-D", "+Is.pov", "+W97", "+H61", "+A0.3",
+                        "+WT1"] + list(options), cwd=self.folder,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=True)
+
+    def test_png_pixels_equal_ppm(self):
+        for depth in (8, 16):
+            with self.subTest(depth=depth):
+                self.render("+FN%d" % depth, "+Oimage.png")
+                self.render("+FP%d" % depth, "+Oimage.ppm")
+                rows = httpov.iter_png_rows(
+                    os.path.join(self.folder, "image.png"))
+                info, _ = next(rows)
+                self.assertEqual(info.depth, depth)
+                with open(os.path.join(self.folder, "image.ppm"),
+                          "rb") as source:
+                    ppm_info = httpov.read_ppm_header(source)
+                    pixels = source.read()
+                self.assertEqual(ppm_info.depth, depth)
+                self.assertEqual(b"".join(rows), pixels)
+
+    @needs_pillow
+    def test_alpha_png_matches_pillow(self):
+        self.render("+FN8", "+UA", "+Oalpha.png")
+        path = os.path.join(self.folder, "alpha.png")
+        rows = httpov.iter_png_rows(path)
+        info, _ = next(rows)
+        self.assertEqual(info.color_type, 6)
+        self.assertEqual(b"".join(rows), Image.open(path).tobytes())
+
+
+# ---------------------------------------------------------------------------
+# 5. Storage
+# ---------------------------------------------------------------------------
+
+class StorageTest(unittest.TestCase):
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.db = httpov.Database(os.path.join(self.folder, "t.sqlite3"))
+        path = make_zip(os.path.join(self.folder, "j.zip"), {
+            "a.ini": b"Input_File_Name=a.pov\nFinal_Frame=6\n",
+            "a.pov": SPHERE_SCENE})
+        self.plan = httpov.prepare_job(path, {})
+        self.job_id = self.db.create_job(self.plan, "0" * 64, 2, 100.0)
+        self.worker = self.db.register_worker("w", "", "h", 100.0)
+
+    def test_claim_leases_each_task_once(self):
+        seen = set()
+        for _ in range(6):
+            task, _ = self.db.claim_task(self.worker, 100.0, 60)
+            self.assertNotIn(task["id"], seen)
+            seen.add(task["id"])
+        self.assertIsNone(self.db.claim_task(self.worker, 100.0, 60))
+
+    def test_expired_lease_requeues(self):
+        task, _ = self.db.claim_task(self.worker, 100.0, 10)
+        self.assertEqual(self.db.expire_leases(105.0), [])
+        expired = self.db.expire_leases(111.0)
+        self.assertEqual(expired, [(task["id"], self.job_id, self.worker)])
+        self.assertEqual(self.db.task(task["id"])["state"], "queued")
+
+    def test_stale_attempt_is_conflict(self):
+        task, _ = self.db.claim_task(self.worker, 100.0, 10)
+        self.db.expire_leases(200.0)
+        with self.assertRaises(httpov.Conflict):
+            self.db.heartbeat(task["id"], task["attempt"], self.worker,
+                              0.5, 201.0, 10)
+
+    def test_failed_task_avoids_its_worker(self):
+        task, _ = self.db.claim_task(self.worker, 100.0, 10)
+        self.assertFalse(self.db.fail_task(task["id"], task["attempt"],
+                                           "boom", "", 101.0))
+        again, _ = self.db.claim_task(self.worker, 102.0, 10)
+        self.assertNotEqual(again["id"], task["id"])
+        other = self.db.register_worker("w2", "", "h", 101.0)
+        retry, _ = self.db.claim_task(other, 102.0, 10)
+        self.assertEqual(retry["id"], task["id"])
+
+    def test_attempt_limit_fails_job(self):
+        other = self.db.register_worker("w2", "", "h", 100.0)
+        for attempt, worker in ((1, self.worker), (2, other)):
+            task, _ = self.db.claim_task(worker, 100.0 + attempt, 10)
+            self.assertEqual(task["attempts"], attempt)
+            failed = self.db.fail_task(task["id"], task["attempt"],
+                                       "boom %d" % attempt, "", 101.0)
+            self.assertEqual(failed, attempt == 2)
+        job = self.db.job(self.job_id)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("boom 2", job["error"])
+        self.assertIn("task %d" % task["id"], job["error"])
+        self.assertIsNone(self.db.claim_task(self.worker, 110.0, 10))
+
+    def test_paused_job_not_claimed(self):
+        self.db.control_job(self.job_id, "pause", 100.0)
+        self.assertIsNone(self.db.claim_task(self.worker, 100.0, 10))
+        self.db.control_job(self.job_id, "resume", 100.0)
+        self.assertIsNotNone(self.db.claim_task(self.worker, 100.0, 10))
+
+    def test_priority_and_max_workers(self):
+        plan = dict(self.plan, priority=5, max_workers=1)
+        urgent = self.db.create_job(plan, "1" * 64, 2, 100.0)
+        task, job = self.db.claim_task(self.worker, 100.0, 10)
+        self.assertEqual(job["id"], urgent)
+        other = self.db.register_worker("w2", "", "h", 100.0)
+        task, job = self.db.claim_task(other, 100.0, 10)
+        self.assertEqual(job["id"], self.job_id,
+                         "max_workers=1 sends the second worker elsewhere")
+
+    def test_concurrent_claims_never_share_a_task(self):
+        plan = dict(self.plan, last_frame=200)
+        plan["task_count"] = 200
+        self.db.create_job(plan, "2" * 64, 2, 100.0)
+        claimed = []
+        lock = threading.Lock()
+
+        def claim_all():
+            worker = self.db.register_worker("c", "", "h", 100.0)
+            while True:
+                result = self.db.claim_task(worker, 100.0, 60)
+                if result is None:
+                    return
+                with lock:
+                    claimed.append(result[0]["id"])
+
+        threads = [threading.Thread(target=claim_all) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(len(claimed), len(set(claimed)))
+        self.assertEqual(len(claimed), 6 + 200)
+
+
+# ---------------------------------------------------------------------------
+# 6.-9. Server, client, worker and CLI, end to end on loopback
+# ---------------------------------------------------------------------------
+
+def run_cli(*arguments, env=None, timeout=300):
+    """Run ``httpov.py`` with arguments; return the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "httpov.py")] +
+        [str(argument) for argument in arguments],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+        universal_newlines=True, env=env)
+
+
+class ServerProcess:
+    """A real ``httpov.py serve`` on a free loopback port."""
+
+    def __init__(self, data_dir, lease=10):
+        self.data_dir = data_dir
+        self.log_path = os.path.join(os.path.dirname(data_dir),
+                                     "server.log")
+        with open(self.log_path, "a") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "httpov.py"), "serve",
+                 "--bind", "127.0.0.1", "--port", "0", "--data", data_dir,
+                 "--lease", str(lease)],
+                stdout=subprocess.PIPE, stderr=log_file,
+                universal_newlines=True)
+        first_line = self.process.stdout.readline()
+        match = re.search(r"port (\d+)", first_line)
+        if not match:
+            self.process.kill()
+            raise RuntimeError("serve did not start: %r" % first_line)
+        self.port = int(match.group(1))
+        self.url = "http://127.0.0.1:%d/" % self.port
+        with open(os.path.join(data_dir, "tokens.json")) as source:
+            tokens = json.load(source)
+        self.admin = tokens["admin"]
+        self.worker = tokens["worker"]
+        threading.Thread(target=self.process.stdout.read,
+                         daemon=True).start()
+
+    def client(self):
+        return httpov.ApiClient(self.url, self.admin)
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+def start_worker(server, folder, name):
+    with open(os.path.join(folder, name + ".log"), "a") as log_file:
+        return subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "httpov.py"), "work",
+             server.url, "--token", server.worker, "--name", name,
+             "--threads", "1", "--workdir", os.path.join(folder, name)],
+            stdout=log_file, stderr=log_file)
+
+
+def wait_for_job(client, job_id, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.call("GET", "/api/jobs/%d" % job_id)
+        if job["state"] in httpov.FINAL_JOB_STATES:
+            return job
+        time.sleep(0.5)
+    raise AssertionError("job %d did not finish in %d s" % (job_id,
+                                                            timeout))
+
+
+def decode_rows(path):
+    rows = httpov.iter_png_rows(path)
+    info, _ = next(rows)
+    return info, b"".join(rows)
+
+
+def render_plain(scene_dir, target, *options):
+    """Render with POV-Ray directly, as one machine would."""
+    ini = [name for name in os.listdir(scene_dir) if name.endswith(".ini")]
+    subprocess.run([POVRAY, "-D", "+WT2"] + ini + list(options) +
+                   ["+FN8", "+O" + target], cwd=scene_dir,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   check=True)
+
+
+@needs_povray
+class EndToEndTest(unittest.TestCase):
+    """A real server subprocess, two real workers and real POV-Ray."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not POVRAY:
+            raise AssertionError("POV-Ray is required (HTTPOV_CI=1)")
+        cls.folder = tempfile.mkdtemp(prefix="httpov-e2e-")
+        cls.server = ServerProcess(os.path.join(cls.folder, "data"))
+        cls.workers = [start_worker(cls.server, cls.folder, "w%d" % n)
+                       for n in (1, 2)]
+        cls.client = cls.server.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        for worker in cls.workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in cls.workers:
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        cls.client.close()
+        cls.server.stop()
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    def submit(self, path, *options):
+        result = run_cli("submit", self.server.url, path, "--token",
+                         self.server.admin, *options)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"^\d+\n$",
+                         "submit prints the job id alone")
+        return int(result.stdout)
+
+    def fetch(self, job_id, output):
+        return run_cli("fetch", self.server.url, job_id, "--token",
+                       self.server.admin, "-o", output, "--wait")
+
+    def test_animation_example(self):
+        source = os.path.join(EXAMPLES, "animation")
+        job_id = self.submit(source, "--frames", "3-8")
+        output = os.path.join(self.folder, "animation-out")
+        result = self.fetch(job_id, output)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        names = sorted(os.listdir(output))
+        self.assertEqual(names, ["animation_%02d.png" % frame
+                                 for frame in range(3, 9)])
+        reference = os.path.join(self.folder, "anim-ref")
+        os.makedirs(reference)
+        render_plain(source, os.path.join(reference, "f"), "+SF5", "+EF5")
+        _, expected = decode_rows(os.path.join(reference, "f05.png"))
+        info, actual = decode_rows(os.path.join(output, "animation_05.png"))
+        self.assertEqual((info.width, info.height), (320, 240))
+        self.assertEqual(actual, expected,
+                         "frame 5 differs from a one-machine render")
+
+    @needs_pillow
+    def test_sliced_still_matches_full_render(self):
+        source = os.path.join(EXAMPLES, "sliced-still")
+        job_id = self.submit(source, "--slices", "4")
+        job = wait_for_job(self.client, job_id)
+        self.assertEqual(job["state"], "done", job["error"])
+        self.assertEqual(job["tasks"], 4)
+        output = os.path.join(self.folder, "still-out")
+        result = self.fetch(job_id, output)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        stitched = os.path.join(output, "sliced-still.png")
+        reference = os.path.join(self.folder, "still-ref.png")
+        render_plain(source, reference)
+        info, actual = decode_rows(stitched)
+        _, expected = decode_rows(reference)
+        self.assertEqual((info.width, info.height), (800, 600))
+        self.assertEqual(actual, expected,
+                         "stitched antialiased still differs from a full "
+                         "render")
+        self.assertEqual(Image.open(stitched).tobytes(),
+                         Image.open(reference).tobytes())
+
+    def test_sliced_animation_example(self):
+        source = os.path.join(EXAMPLES, "sliced-animation")
+        job_id = self.submit(source, "--slices", "3", "--frames", "2-4")
+        job = wait_for_job(self.client, job_id)
+        self.assertEqual(job["state"], "done", job["error"])
+        self.assertEqual(job["frames_done"], 3)
+        self.assertEqual(job["slices_per_frame"], 3)
+        output = os.path.join(self.folder, "sliced-anim-out")
+        self.assertEqual(self.fetch(job_id, output).returncode, 0)
+        reference = os.path.join(self.folder, "sanim-ref")
+        os.makedirs(reference)
+        render_plain(source, os.path.join(reference, "f"), "+SF3", "+EF3")
+        _, expected = decode_rows(os.path.join(reference, "f03.png"))
+        _, actual = decode_rows(os.path.join(output,
+                                             "sliced-animation_03.png"))
+        self.assertEqual(actual, expected)
+
+    def test_alpha_and_16_bit_are_kept(self):
+        folder = os.path.join(self.folder, "deep")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "deep.pov"), "wb") as out:
+            out.write(SPHERE_SCENE.replace(b"plane", b"// plane"))
+        job_id = self.submit(folder, "--rows-per-slice", "32", "--",
+                             "+W80", "+H70", "+FN16", "+UA")
+        job = wait_for_job(self.client, job_id)
+        self.assertEqual(job["state"], "done", job["error"])
+        output = os.path.join(self.folder, "deep-out")
+        self.assertEqual(self.fetch(job_id, output).returncode, 0)
+        info, actual = decode_rows(os.path.join(output, "deep.png"))
+        self.assertEqual((info.depth, info.color_type), (16, 6))
+        subprocess.run([POVRAY, "-D", "+WT2", "+Ideep.pov", "+W80", "+H70",
+                        "+UA", "+FN16", "+Oref16.png"], cwd=folder,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=True)
+        _, expected = decode_rows(os.path.join(folder, "ref16.png"))
+        self.assertEqual(actual, expected)
+
+    def test_parse_error_fails_cleanly(self):
+        folder = os.path.join(self.folder, "broken")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "broken.pov"), "w") as out:
+            out.write('#include "missing.inc"\nsphere { 0, 1 }\n')
+        job_id = self.submit(folder, "--", "+W32", "+H32")
+        job = wait_for_job(self.client, job_id)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("Cannot open include file missing.inc", job["error"])
+        status = run_cli("status", self.server.url, job_id, "--token",
+                         self.server.admin)
+        self.assertEqual(status.returncode, 0)
+        self.assertIn("missing.inc", status.stdout)
+        fetched = self.fetch(job_id, os.path.join(self.folder, "none"))
+        self.assertEqual(fetched.returncode, 1)
+        self.assertIn("failed", fetched.stderr)
+
+    def test_single_pov_file_job(self):
+        folder = os.path.join(self.folder, "single")
+        os.makedirs(folder)
+        path = os.path.join(folder, "ball.pov")
+        with open(path, "wb") as out:
+            out.write(SPHERE_SCENE)
+        job_id = self.submit(path, "--name", "ball <b>", "--",
+                             "+W40", "+H30", "+KFF3", "+KC")
+        job = wait_for_job(self.client, job_id)
+        self.assertEqual(job["state"], "done", job["error"])
+        self.assertEqual(job["frames"], 3)
+        self.assertEqual(job["name"], "ball <b>")
+
+    def test_api_requires_token(self):
+        for token in (None, "wrong", self.server.worker):
+            with self.subTest(token=token):
+                request = urllib.request.Request(self.server.url +
+                                                 "api/jobs")
+                if token:
+                    request.add_header("Authorization", "Bearer " + token)
+                with self.assertRaises(urllib.error.HTTPError) as caught:
+                    urllib.request.urlopen(request, timeout=10)
+                self.assertEqual(caught.exception.code, 401)
+                body = json.loads(caught.exception.read().decode())
+                self.assertIn("token", body["error"])
+
+    def test_bad_submit_gets_clear_error(self):
+        path = os.path.join(self.folder, "bad.zip")
+        make_zip(path, {"../evil.pov": b"x"})
+        result = run_cli("submit", self.server.url, path, "--token",
+                         self.server.admin)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("'..'", result.stderr)
+        self.assertEqual(result.stdout, "")
+
+    def test_unknown_job_is_404(self):
+        with self.assertRaises(httpov.ApiError) as caught:
+            self.client.call("GET", "/api/jobs/99999")
+        self.assertEqual(caught.exception.status, 404)
+
+    def test_status_page_login(self):
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor())
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            opener.open(self.server.url, timeout=10)
+        self.assertEqual(caught.exception.code, 401)
+        page = opener.open(self.server.url + "?token=" + self.server.admin,
+                           timeout=10)
+        self.assertEqual(page.geturl(), self.server.url)
+        text = page.read().decode()
+        self.assertIn("<h1>httpov</h1>", text)
+        self.assertNotIn(self.server.admin, text)
+
+    def test_token_command(self):
+        result = run_cli("token", "--data", self.server.data_dir)
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(result.stdout.splitlines(), [
+            "admin " + self.server.admin, "worker " + self.server.worker])
+
+
+@needs_povray
+class RenderCommandTest(unittest.TestCase):
+
+    def test_render_small_animation(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(folder, "spin.pov"), "wb") as out:
+            out.write(SPHERE_SCENE)
+        output = os.path.join(folder, "out")
+        result = run_cli("render", os.path.join(folder, "spin.pov"),
+                         "-o", output, "--workers", "2", "--",
+                         "+W48", "+H36", "+KFF4")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(os.listdir(output)),
+                         ["spin_%d.png" % frame for frame in (1, 2, 3, 4)])
+        self.assertIn("frames 4/4", result.stderr)
+
+    def test_render_missing_path(self):
+        result = run_cli("render", "/nonexistent/scene.pov")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("no such file", result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
