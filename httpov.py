@@ -21,7 +21,7 @@ Task life cycle
     A lease belongs to one attempt, which has a random id and a deadline on
     the server's clock. Claiming a task is one SQLite write transaction, so
     no task is leased twice at once. Heartbeats and results name their
-    attempt, and the server answers 409 to an attempt that is no longer
+    attempt, and the server responds 409 to an attempt that is no longer
     current. A result is accepted only after its PNGs have been checked.
 
 Storage
@@ -545,7 +545,7 @@ def inspect_archive(path):
                 raise UserError("archive member %r is encrypted" % name)
             key = name.rstrip("/").lower()
             if key in seen:
-                raise UserError("archive holds %r twice (names are "
+                raise UserError("archive contains %r twice (names are "
                                 "compared without case)" % name)
             seen.add(key)
             if name.endswith("/"):
@@ -566,7 +566,7 @@ def inspect_archive(path):
         for name in files:
             for parent in parent_folders(name):
                 if parent.lower() in file_keys:
-                    raise UserError("archive holds %r both as a file and "
+                    raise UserError("archive contains %r both as a file and "
                                     "as a folder" % parent)
     if not files:
         raise UserError("job archive is empty")
@@ -628,8 +628,8 @@ def choose_scene(layout, requested=None):
     if povs:
         raise UserError("the job has several scene files (%s) and no INI; "
                         "choose one with --scene" % ", ".join(povs))
-    raise UserError("the job holds no .ini or .pov file at its top level "
-                    "(files: %s)" % ", ".join(files[:20]))
+    raise UserError("the job contains no .ini or .pov file at its top "
+                    "level (files: %s)" % ", ".join(files[:20]))
 
 
 def plan_slices(height, block_size, slices=None, rows_per_slice=None):
@@ -675,7 +675,7 @@ def prepare_job(archive_path, options):
     """Read a checked archive and the submit options into a job plan.
 
     Returns a dict with everything the database stores about the job.
-    ``options`` holds name, frames, slices, rows_per_slice,
+    ``options`` contains name, frames, slices, rows_per_slice,
     frames_per_task, max_workers, priority, scene and povray_options.
     """
     layout = inspect_archive(archive_path)
@@ -928,7 +928,7 @@ def iter_png_scanlines(path):
                     pending = inflater.unconsumed_tail
                     while len(buffer) >= line_bytes:
                         if rows == info.height:
-                            raise ImageError("PNG holds more rows than its "
+                            raise ImageError("PNG contains more rows than its "
                                              "height of %d" % info.height)
                         filter_type = buffer[0]
                         if filter_type > 4:
@@ -1117,7 +1117,7 @@ def first_row_filter(filter_type, line, pixel_bytes):
 def stitch_pngs(target, slice_paths, width, height):
     """Stack the PNGs of a frame's slices, top to bottom, into one PNG.
 
-    Each slice holds exactly its own rows. All slices must share width,
+    Each slice contains exactly its own rows. All slices must share width,
     depth and colour type, and their heights must add up to ``height``.
     Memory is bounded by one zlib buffer, whatever the image size.
     """
@@ -1462,8 +1462,8 @@ class Database:
             elif action == "cancel":
                 if state in FINAL_JOB_STATES:
                     raise Conflict("job %d is already %s" % (job_id, state))
-                # Leased tasks keep their lease: the next heartbeat tells
-                # each worker to stop, and the worker releases the task.
+                # Leased tasks keep their lease. The next heartbeat
+                # returns "stop", and the worker releases the task.
                 state = "cancelled"
             elif action == "retry":
                 if state not in ("failed", "cancelled") and \
@@ -2030,7 +2030,7 @@ class Farm:
     def deliver(self, task_id, attempt, upload_path):
         """Check a result archive and accept it; return the response.
 
-        The archive holds ``frames/<frame>.png`` for each frame of a
+        The archive contains ``frames/<frame>.png`` for each frame of a
         whole-frame task, or ``slice.png`` for a slice (either just the
         slice's rows or POV-Ray's full-size partial render), plus an
         optional ``log.txt``.
@@ -2088,7 +2088,8 @@ class Farm:
                     task["frame_first"], task["frame_last"] + 1)]
             missing = [name for name in expected if name not in names]
             if missing:
-                raise UserError("result of task %d lacks %s (it holds: %s)"
+                raise UserError("result of task %d is missing %s (it contains: "
+                                "%s)"
                                 % (task["id"], ", ".join(missing),
                                    ", ".join(sorted(names)) or "nothing"))
             for name in expected:
@@ -2277,7 +2278,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         except UserError as error:
             self.send_json({"error": str(error)}, error.status)
         except DatabaseBusy as error:
-            server_log.warning("%s %s: database busy (%s), answered 503",
+            server_log.warning("%s %s: database busy (%s), responded 503",
                                method, parsed.path, error)
             self.send_json({"error": "the server is busy; try again"}, 503,
                            {"Retry-After": "2"})
@@ -2683,7 +2684,7 @@ class ServerUnreachable(Exception):
 
 
 class ApiError(Exception):
-    """The server answered with an error status."""
+    """An error response from the server."""
 
     def __init__(self, status, message, retry_after=None):
         Exception.__init__(self, message)
@@ -2841,6 +2842,7 @@ def povray_command(povray, task, threads, output_base, error_file):
     farm's own options, because POV-Ray lets later options win.
     """
     settings = task["settings"]
+    check_task_ranges(task)
     command = [povray]
     if task["ini"]:
         command.append(task["ini"])
@@ -2863,6 +2865,32 @@ def povray_command(povray, task, threads, output_base, error_file):
         if task["row_last"] < settings["height"]:
             command.append("+ER%d" % task["row_last"])
     return command
+
+
+def check_task_ranges(task):
+    """Raise TaskFailed unless the task's frames and rows make sense.
+
+    POV-Ray renders a reversed row range as an all-black image and exits
+    0, so a bad range must be caught before it runs.
+    """
+    settings = task["settings"]
+    first, last = task["row_first"], task["row_last"]
+    if not 1 <= first <= last <= settings["height"]:
+        raise TaskFailed("invalid rows %d-%d for an image of %d rows"
+                         % (first, last, settings["height"]))
+    if last == 1 and settings["height"] > 1:
+        raise TaskFailed("invalid rows %d-%d: POV-Ray reads end row 1 as "
+                         "all rows" % (first, last))
+    if task["frame_first"] > task["frame_last"]:
+        raise TaskFailed("invalid frames %d-%d" % (task["frame_first"],
+                                                   task["frame_last"]))
+    if settings["animated"] and not (
+            settings["initial_frame"] <= task["frame_first"] and
+            task["frame_last"] <= settings["final_frame"]):
+        raise TaskFailed("frames %d-%d are outside the animation's %d-%d"
+                         % (task["frame_first"], task["frame_last"],
+                            settings["initial_frame"],
+                            settings["final_frame"]))
 
 
 def povray_error(log_text, error_file_text=""):
@@ -2897,7 +2925,7 @@ def describe_exit(returncode):
 
 
 class TaskFailed(Exception):
-    """A render attempt failed; the message says why."""
+    """A failed render attempt, with the reason as its message."""
 
     def __init__(self, message, log_text=""):
         Exception.__init__(self, message)
@@ -2940,8 +2968,8 @@ class Worker:
     def call(self, method, path, value=None, client=None):
         """Call the API, retrying while the server is unreachable or busy.
 
-        Raises ApiError for answers other than 503, and TaskAbandoned if
-        the worker is told to stop now while waiting.
+        Raises ApiError for error responses other than 503, and
+        TaskAbandoned when the worker must stop while waiting.
         """
         client = client or self.client
         delays = backoff_delays()
@@ -3139,12 +3167,42 @@ class Worker:
         command = povray_command(self.povray, task, self.threads,
                                  os.path.join(output_dir, OUTPUT_BASE),
                                  ERROR_FILE)
-        error_file = os.path.join(output_dir, ERROR_FILE)
         environment = dict(os.environ, POVINI=self.povini, HOME=home_dir)
         worker_log.debug("%s: running %s", task_label(task),
                          " ".join(command))
-        log_tail = collections.deque()
-        log_size = [0]
+
+        process = self.start_povray(command, scene_dir, environment)
+        try:
+            log_text = self.follow_output(process, task, heartbeat)
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:
+                self.terminate_povray()
+            process.stderr.close()
+            with self.process_lock:
+                self.process = None
+        self.show_progress(task, None)
+
+        if heartbeat.rejected or self.stop_now.is_set():
+            raise TaskAbandoned(heartbeat.rejected or "stopped by the user")
+        error_text = ""
+        error_file = os.path.join(output_dir, ERROR_FILE)
+        if os.path.exists(error_file):
+            with open(error_file, errors="replace") as source:
+                error_text = source.read(4096)
+        if returncode != 0:
+            raise TaskFailed("%s: %s" % (describe_exit(returncode),
+                                         povray_error(log_text, error_text)),
+                             log_text)
+        if "Parse Error" in log_text and \
+                "Possible Parse Error" not in log_text:
+            raise TaskFailed("POV-Ray reported a parse error: %s"
+                             % povray_error(log_text, error_text), log_text)
+        return self.pack_result(task, output_dir, task_dir, log_text)
+
+    def start_povray(self, command, scene_dir, environment):
+        """Start POV-Ray in its own process group, so that a Ctrl-C in
+        the worker's terminal does not reach it."""
         options = {}
         if os.name == "posix":
             options["start_new_session"] = True
@@ -3161,52 +3219,40 @@ class Worker:
                              % (self.povray, error))
         with self.process_lock:
             self.process = process
+        return process
+
+    def follow_output(self, process, task, heartbeat):
+        """Read POV-Ray's stderr to its end, tracking progress.
+
+        Returns the last MAX_LOG_BYTES of the output as text.
+        """
+        log_tail = collections.deque()
+        log_size = 0
         frames = task["frame_last"] - task["frame_first"] + 1
         frame_index = 0
-        try:
-            pending = b""
-            while True:
-                chunk = os.read(process.stderr.fileno(), 65536)
-                if not chunk:
-                    break
-                log_tail.append(chunk)
-                log_size[0] += len(chunk)
-                while log_size[0] > MAX_LOG_BYTES and len(log_tail) > 1:
-                    log_size[0] -= len(log_tail.popleft())
-                pending = (pending + chunk)[-4096:]
-                for match in FRAME_PATTERN.finditer(pending):
-                    frame_index = max(int(match.group(1)) - 1, 0)
-                matches = list(PROGRESS_PATTERN.finditer(pending))
-                if matches:
-                    done, total = map(int, matches[-1].groups())
-                    progress = (frame_index + done / max(total, 1)) / frames
-                    heartbeat.progress = min(progress, 1.0)
-                    self.show_progress(task, heartbeat.progress)
-            returncode = process.wait()
-        finally:
-            if process.poll() is None:
-                self.terminate_povray()
-            process.stderr.close()
-            with self.process_lock:
-                self.process = None
-        self.show_progress(task, None)
+        recent = b""
+        while True:
+            chunk = os.read(process.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            log_tail.append(chunk)
+            log_size += len(chunk)
+            while log_size > MAX_LOG_BYTES and len(log_tail) > 1:
+                log_size -= len(log_tail.popleft())
+
+            # Progress lines end in a carriage return, so the last match
+            # in the recent output is the current one.
+            recent = (recent + chunk)[-4096:]
+            for match in FRAME_PATTERN.finditer(recent):
+                frame_index = max(int(match.group(1)) - 1, 0)
+            matches = list(PROGRESS_PATTERN.finditer(recent))
+            if matches:
+                done, total = map(int, matches[-1].groups())
+                progress = (frame_index + done / max(total, 1)) / frames
+                heartbeat.progress = min(progress, 1.0)
+                self.show_progress(task, heartbeat.progress)
         log_text = b"".join(log_tail).decode("utf-8", "replace")
-        log_text = log_text.replace("\r", "\n")
-        if heartbeat.rejected or self.stop_now.is_set():
-            raise TaskAbandoned(heartbeat.rejected or "stopped by the user")
-        error_text = ""
-        if os.path.exists(error_file):
-            with open(error_file, errors="replace") as source:
-                error_text = source.read(4096)
-        if returncode != 0:
-            raise TaskFailed("%s: %s" % (describe_exit(returncode),
-                                         povray_error(log_text, error_text)),
-                             log_text)
-        if "Parse Error" in log_text and \
-                "Possible Parse Error" not in log_text:
-            raise TaskFailed("POV-Ray reported a parse error: %s"
-                             % povray_error(log_text, error_text), log_text)
-        return self.pack_result(task, output_dir, task_dir, log_text)
+        return log_text.replace("\r\n", "\n").replace("\r", "\n")
 
     def pack_result(self, task, output_dir, task_dir, log_text):
         """Check POV-Ray's images and zip them with the log."""
@@ -3381,7 +3427,7 @@ class Heartbeat:
                 if error.status in (409, 404):
                     self.abandon("server: %s" % error.message)
                     return
-                worker_log.warning("task %d: heartbeat answered HTTP %d: "
+                worker_log.warning("task %d: heartbeat response HTTP %d: "
                                    "%s", self.task["id"], error.status,
                                    error.message)
                 continue
@@ -3459,7 +3505,7 @@ def pack_job(path):
         raise CommandError("%s is not a folder, .zip, .pov or .ini file"
                            % path)
     if not members:
-        raise CommandError("%s holds no files" % path)
+        raise CommandError("%s contains no files" % path)
     handle, archive_path = tempfile.mkstemp(suffix=".zip",
                                             prefix="httpov-job-")
     os.close(handle)
@@ -3923,7 +3969,7 @@ def main(argv=None):
         sys.stderr.write("httpov: %s\n" % error)
         return 1
     except ApiError as error:
-        sys.stderr.write("httpov: server answered %d: %s\n"
+        sys.stderr.write("httpov: server responded %d: %s\n"
                          % (error.status, error.message))
         return 1
     except ServerUnreachable as error:

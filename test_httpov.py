@@ -708,6 +708,75 @@ class StorageTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# 8. Worker: POV-Ray command lines and errors
+# ---------------------------------------------------------------------------
+
+def sample_task(**changes):
+    task = {
+        "id": 1, "job_id": 1, "job_name": "demo", "attempt": "a" * 32,
+        "ini": "demo.ini", "povray_options": ["+A0.3"], "sliced": True,
+        "settings": {"input_file": "demo.pov", "depth": 8, "height": 100,
+                     "animated": True, "initial_frame": 1,
+                     "final_frame": 10},
+        "frame_first": 3, "frame_last": 3, "row_first": 1, "row_last": 32,
+    }
+    task.update(changes)
+    return task
+
+
+class CommandLineTest(unittest.TestCase):
+
+    def test_order_ini_options_farm(self):
+        command = httpov.povray_command("povray", sample_task(), 2,
+                                        "/out/frame", "fatal.txt")
+        self.assertEqual(command[:3], ["povray", "demo.ini", "+A0.3"])
+        for option in ("+Idemo.pov", "+O/out/frame", "+FN8", "-D",
+                       "+WT2", "+SF3", "+EF3", "+ER32"):
+            self.assertIn(option, command)
+
+    def test_first_row_is_left_out(self):
+        command = httpov.povray_command("povray", sample_task(), 1,
+                                        "o", "f")
+        self.assertFalse([part for part in command
+                          if part.startswith("+SR")])
+
+    def test_last_row_is_left_out(self):
+        command = httpov.povray_command(
+            "povray", sample_task(row_first=97, row_last=100), 1, "o", "f")
+        self.assertIn("+SR97", command)
+        self.assertFalse([part for part in command
+                          if part.startswith("+ER")])
+
+    def test_bad_ranges_rejected(self):
+        for changes in ({"row_first": 50, "row_last": 40},
+                        {"row_first": 1, "row_last": 1},
+                        {"row_first": 90, "row_last": 101},
+                        {"frame_first": 9, "frame_last": 11}):
+            with self.subTest(changes=changes):
+                with self.assertRaises(httpov.TaskFailed):
+                    httpov.povray_command("povray", sample_task(**changes),
+                                          1, "o", "f")
+
+    def test_error_from_parse_error_output(self):
+        output = ("File 'a.pov' line 1: Possible Parse Error: x\n"
+                  "File 'a.pov' line 1: Parse Error: Cannot open include "
+                  "file b.inc.\nFatal error in parser\nRender failed\n")
+        self.assertEqual(httpov.povray_error(output),
+                         "File 'a.pov' line 1: Parse Error: Cannot open "
+                         "include file b.inc.")
+
+    def test_error_from_option_failure(self):
+        output = "Stream output files must be elsewhere.\nRender failed\n"
+        self.assertEqual(httpov.povray_error(output),
+                         "Stream output files must be elsewhere. "
+                         "Render failed")
+
+    def test_exit_by_signal_is_named(self):
+        self.assertIn("SIGKILL", httpov.describe_exit(-9))
+        self.assertIn("cancelled", httpov.describe_exit(2))
+
+
+# ---------------------------------------------------------------------------
 # 6.-9. Server, client, worker and CLI, end to end on loopback
 # ---------------------------------------------------------------------------
 
@@ -892,6 +961,19 @@ class EndToEndTest(unittest.TestCase):
                                              "sliced-animation_03.png"))
         self.assertEqual(actual, expected)
 
+    def test_httpov_zip_layout(self):
+        path = os.path.join(self.folder, "legacy.zip")
+        make_zip(path, {
+            "legacy/pov.ini": b"Input_File_Name=legacy.pov\nWidth=64\n"
+                              b"Height=48\nInitial_Frame=0\n"
+                              b"Final_Frame=2\n",
+            "legacy/legacy.pov": SPHERE_SCENE})
+        job_id = self.submit(path)
+        job = wait_for_job(self.client, job_id)
+        self.assertEqual(job["state"], "done", job["error"])
+        self.assertEqual(job["name"], "legacy")
+        self.assertEqual(job["frames_done"], 3)
+
     def test_alpha_and_16_bit_are_kept(self):
         folder = os.path.join(self.folder, "deep")
         os.makedirs(folder)
@@ -987,6 +1069,58 @@ class EndToEndTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0)
         self.assertEqual(result.stdout.splitlines(), [
             "admin " + self.server.admin, "worker " + self.server.worker])
+
+
+@needs_povray
+class InterruptTest(unittest.TestCase):
+    """Ctrl-C on a worker: once finishes the task, twice gives it back."""
+
+    def setUp(self):
+        self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
+        self.folder = tempfile.mkdtemp(prefix="httpov-int-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.server = ServerProcess(os.path.join(self.folder, "data"))
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        result = run_cli("submit", self.server.url,
+                         os.path.join(EXAMPLES, "sliced-still"), "--token",
+                         self.server.admin)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.job_id = int(result.stdout)
+        self.worker = start_worker(self.server, self.folder, "w")
+        self.addCleanup(self.stop_worker)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            job = self.client.call("GET", "/api/jobs/%d" % self.job_id)
+            if job["tasks_running"]:
+                break
+            time.sleep(0.2)
+        self.assertEqual(job["tasks_running"], 1)
+        time.sleep(1)
+
+    def stop_worker(self):
+        if self.worker.poll() is None:
+            self.worker.kill()
+            self.worker.wait()
+
+    def test_one_interrupt_finishes_task(self):
+        self.worker.send_signal(signal.SIGINT)
+        self.assertEqual(self.worker.wait(60), 0)
+        job = self.client.call("GET", "/api/jobs/%d" % self.job_id)
+        self.assertEqual(job["state"], "done")
+
+    def test_two_interrupts_release_task(self):
+        self.worker.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        self.worker.send_signal(signal.SIGINT)
+        self.assertEqual(self.worker.wait(20), 0)
+        job = self.client.call("GET", "/api/jobs/%d" % self.job_id)
+        self.assertEqual(job["state"], "running")
+        self.assertEqual(job["tasks_queued"], 1)
+        tasks = self.client.call("GET", "/api/jobs/%d/tasks" % self.job_id)
+        self.assertEqual(tasks["tasks"][0]["attempts"], 0,
+                         "a released task does not use up an attempt")
 
 
 @needs_povray
