@@ -99,6 +99,9 @@ RETRY_MIN_SECONDS = 1.0           # first wait after a network error
 RETRY_MAX_SECONDS = 60.0          # cap of the exponential backoff
 HOUSEKEEPING_SECONDS = 2.0        # how often the server expires leases
 SQLITE_BUSY_SECONDS = 10.0        # wait for a database lock, then 503
+WORKER_JOB_FAILURE_LIMIT = 3      # failed tasks before a worker is kept
+WORKER_JOB_COOLDOWN_SECONDS = 600  # ... away from that job this long
+DEFAULT_STALL_SECONDS = 600       # no POV-Ray output this long: stop it
 
 MAX_JOB_BYTES = 1 << 30           # 1 GiB: one uploaded job archive
 MAX_RESULT_BYTES = 2 << 30        # 2 GiB: one task's result upload
@@ -1278,6 +1281,13 @@ CREATE TABLE IF NOT EXISTS frames (
     done INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, frame)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS worker_job_failures (
+    worker_id INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    last_failure REAL NOT NULL,
+    PRIMARY KEY (worker_id, job_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS workers (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -1306,10 +1316,11 @@ class Database:
     IMMEDIATE`` transactions, so two claims never pick the same task.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, busy_seconds=SQLITE_BUSY_SECONDS):
         import sqlite3     # imported here: workers must run without it
         self.sqlite3 = sqlite3
         self.path = path
+        self.busy_seconds = busy_seconds
         self.local = threading.local()
         connection = self.connection()
         connection.executescript(SCHEMA)
@@ -1325,7 +1336,7 @@ class Database:
         connection = getattr(self.local, "connection", None)
         if connection is None:
             connection = self.sqlite3.connect(
-                self.path, timeout=SQLITE_BUSY_SECONDS,
+                self.path, timeout=self.busy_seconds,
                 isolation_level=None)
             connection.row_factory = self.sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
@@ -1498,6 +1509,8 @@ class Database:
             job = self._job_for_update(db, job_id)
             db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM frames WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM worker_job_failures WHERE job_id = ?",
+                       (job_id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return job
 
@@ -1569,7 +1582,14 @@ class Database:
                 " ORDER BY priority DESC, id").fetchall()
             jobs.sort(key=lambda job: (-job["priority"],
                                        busy.get(job["id"], 0), job["id"]))
+            kept_away = {row[0] for row in db.execute(
+                "SELECT job_id FROM worker_job_failures WHERE worker_id = ?"
+                " AND failures >= ? AND last_failure > ?",
+                (worker_id, WORKER_JOB_FAILURE_LIMIT,
+                 now - WORKER_JOB_COOLDOWN_SECONDS))}
             for job in jobs:
+                if job["id"] in kept_away:
+                    continue
                 if job["max_workers"] and \
                         busy.get(job["id"], 0) >= job["max_workers"]:
                     continue
@@ -1738,8 +1758,21 @@ class Database:
     def fail_task(self, task_id, attempt, error, log_text, now):
         """Record a failed attempt; return True if the job failed."""
         with self.transaction() as db:
-            self._current_task(db, task_id, attempt)
+            task = self._current_task(db, task_id, attempt)
+            self._count_worker_failure(db, task["worker_id"],
+                                       task["job_id"], now)
             return self._end_attempt(db, task_id, error, log_text, now)
+
+    def _count_worker_failure(self, db, worker_id, job_id, now):
+        """Count a worker's failure on a job; old failures are forgotten."""
+        db.execute("INSERT OR IGNORE INTO worker_job_failures (worker_id,"
+                   " job_id, failures, last_failure) VALUES (?, ?, 0, ?)",
+                   (worker_id, job_id, now))
+        db.execute("UPDATE worker_job_failures SET failures = CASE WHEN"
+                   " last_failure < ? THEN 1 ELSE failures + 1 END,"
+                   " last_failure = ? WHERE worker_id = ? AND job_id = ?",
+                   (now - WORKER_JOB_COOLDOWN_SECONDS, now, worker_id,
+                    job_id))
 
     def release_task(self, task_id, attempt):
         """Give a task back without counting the attempt."""
@@ -1818,7 +1851,8 @@ class Farm:
     """The server's state and every API action, apart from HTTP."""
 
     def __init__(self, data_dir, lease_seconds=DEFAULT_LEASE_SECONDS,
-                 max_attempts=DEFAULT_MAX_ATTEMPTS):
+                 max_attempts=DEFAULT_MAX_ATTEMPTS,
+                 busy_seconds=SQLITE_BUSY_SECONDS):
         self.data_dir = os.path.abspath(data_dir)
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
@@ -1829,7 +1863,7 @@ class Farm:
         self.tokens = load_or_create_tokens(self.data_dir)
         self.session = hmac.new(self.tokens["admin"].encode(), b"session",
                                 hashlib.sha256).hexdigest()
-        self.db = Database(self.path("httpov.sqlite3"))
+        self.db = Database(self.path("httpov.sqlite3"), busy_seconds)
         self.stopping = threading.Event()
 
     def path(self, *parts):
@@ -1862,7 +1896,12 @@ class Farm:
         for job_id, frame in self.db.unstitched_frames():
             server_log.info("job %d frame %d: finishing after restart",
                             job_id, frame)
-            self.finish_frames(self.db.job(job_id), [frame])
+            try:
+                self.finish_frames(self.db.job(job_id), [frame])
+            except (ValueError, KeyError, TypeError, OSError) as error:
+                message = "finishing frame %d failed: %s" % (frame, error)
+                server_log.error("job %d: %s; job failed", job_id, message)
+                self.db.fail_job(job_id, message, now)
 
     def housekeeping(self):
         while not self.stopping.wait(HOUSEKEEPING_SECONDS):
@@ -1977,15 +2016,36 @@ class Farm:
         return {"worker": worker_id, "lease_seconds": self.lease_seconds}
 
     def claim(self, worker_id):
-        claimed = self.db.claim_task(worker_id, time.time(),
-                                     self.lease_seconds)
-        if claimed is None:
-            return {"task": None, "retry_after": IDLE_POLL_SECONDS}
-        task, job = claimed
+        """Lease a task to a worker; a job whose stored data cannot be
+        read is marked failed and the next job is tried."""
+        while True:
+            claimed = self.db.claim_task(worker_id, time.time(),
+                                         self.lease_seconds)
+            if claimed is None:
+                return {"task": None, "retry_after": IDLE_POLL_SECONDS}
+            task, job = claimed
+            try:
+                payload = self.task_payload(task, job)
+            except (ValueError, KeyError, TypeError, OSError) as error:
+                message = "job data is unreadable: %s" % error
+                server_log.error("job %d: %s; job failed", job["id"],
+                                 message)
+                self.db.release_task(task["id"], task["attempt"])
+                self.db.fail_job(job["id"], message, time.time())
+                continue
+            server_log.info("job %d task %d: leased to worker %d "
+                            "(attempt %d)", job["id"], task["id"],
+                            worker_id, task["attempts"])
+            return {"task": payload}
+
+    def task_payload(self, task, job):
+        """Build the task description that a worker receives."""
         settings = json.loads(job["settings"])
-        server_log.info("job %d task %d: leased to worker %d (attempt %d)",
-                        job["id"], task["id"], worker_id, task["attempts"])
-        return {"task": {
+        archive = self.path("archives", job["archive"] + ".zip")
+        if not os.path.isfile(archive):
+            raise OSError("archive %s is missing from the data folder"
+                          % job["archive"])
+        return {
             "id": task["id"],
             "attempt": task["attempt"],
             "job_id": job["id"],
@@ -2001,7 +2061,7 @@ class Farm:
             "row_first": task["row_first"],
             "row_last": task["row_last"],
             "lease_seconds": self.lease_seconds,
-        }}
+        }
 
     def heartbeat(self, task_id, body):
         action = self.db.heartbeat(
@@ -2187,8 +2247,10 @@ def load_or_create_tokens(data_dir, rotate=False):
             tokens = json.load(source)
         if set(tokens) >= {"admin", "worker"}:
             return tokens
-    tokens = {"admin": secrets.token_urlsafe(TOKEN_BYTES),
-              "worker": secrets.token_urlsafe(TOKEN_BYTES)}
+    # Hexadecimal, because a token that starts with "-" would be read as
+    # an option on the command line.
+    tokens = {"admin": secrets.token_hex(TOKEN_BYTES),
+              "worker": secrets.token_hex(TOKEN_BYTES)}
     os.makedirs(data_dir, exist_ok=True)
     handle, temp_path = tempfile.mkstemp(dir=data_dir, prefix=".tmp-")
     with os.fdopen(handle, "w") as target:
@@ -2284,7 +2346,14 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                            {"Retry-After": "2"})
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
-        except Exception:
+        except Exception as error:
+            if type(error).__name__ == "OperationalError" and \
+                    "locked" in str(error):
+                server_log.warning("%s %s: database locked, responded 503",
+                                   method, parsed.path)
+                self.send_json({"error": "the server is busy; try again"},
+                               503, {"Retry-After": "2"})
+                return
             server_log.exception("%s %s failed", method, parsed.path)
             self.send_json({"error": "internal server error; see the "
                             "server log"}, 500)
@@ -2940,7 +3009,8 @@ class Worker:
     """Takes tasks from a server, renders them and delivers results."""
 
     def __init__(self, url, token, name=None, group="", povray="povray",
-                 threads=None, workdir=None, once=False, console=True):
+                 threads=None, workdir=None, once=False, console=True,
+                 max_task_seconds=0, stall_seconds=DEFAULT_STALL_SECONDS):
         self.url = url
         self.token = token
         self.name = name or socket.gethostname()
@@ -2949,6 +3019,8 @@ class Worker:
         self.threads = threads or os.cpu_count() or 1
         self.workdir = os.path.abspath(workdir or default_workdir())
         self.once = once
+        self.max_task_seconds = max_task_seconds
+        self.stall_seconds = stall_seconds
         self.console = console and sys.stderr.isatty()
         self.client = ApiClient(url, token)
         self.worker_id = None
@@ -3172,10 +3244,13 @@ class Worker:
                          " ".join(command))
 
         process = self.start_povray(command, scene_dir, environment)
+        watchdog = Watchdog(self, self.max_task_seconds, self.stall_seconds)
         try:
-            log_text = self.follow_output(process, task, heartbeat)
+            log_text = self.follow_output(process, task, heartbeat,
+                                          watchdog)
             returncode = process.wait()
         finally:
+            watchdog.stop()
             if process.poll() is None:
                 self.terminate_povray()
             process.stderr.close()
@@ -3185,6 +3260,8 @@ class Worker:
 
         if heartbeat.rejected or self.stop_now.is_set():
             raise TaskAbandoned(heartbeat.rejected or "stopped by the user")
+        if watchdog.reason:
+            raise TaskFailed(watchdog.reason, log_text)
         error_text = ""
         error_file = os.path.join(output_dir, ERROR_FILE)
         if os.path.exists(error_file):
@@ -3221,7 +3298,7 @@ class Worker:
             self.process = process
         return process
 
-    def follow_output(self, process, task, heartbeat):
+    def follow_output(self, process, task, heartbeat, watchdog):
         """Read POV-Ray's stderr to its end, tracking progress.
 
         Returns the last MAX_LOG_BYTES of the output as text.
@@ -3235,6 +3312,7 @@ class Worker:
             chunk = os.read(process.stderr.fileno(), 65536)
             if not chunk:
                 break
+            watchdog.last_output = time.monotonic()
             log_tail.append(chunk)
             log_size += len(chunk)
             while log_size > MAX_LOG_BYTES and len(log_tail) > 1:
@@ -3383,9 +3461,51 @@ class Worker:
                     worker_log.warning("task %d: result rejected (HTTP %d):"
                                        " %s", meta["task"], error.status,
                                        error.message)
+                    if error.status == 413:
+                        # The server never read the result, so it has not
+                        # counted the failure yet.
+                        self.report_failure(
+                            {"id": meta["task"], "attempt": meta["attempt"]},
+                            "result too large: %s" % error.message, "")
                     return
             if self.stop_now.wait(delay):
                 raise TaskAbandoned("stopped before delivering")
+
+
+class Watchdog:
+    """Stops POV-Ray when a task runs too long or prints nothing for long.
+
+    A limit of 0 turns that check off.
+    """
+
+    def __init__(self, worker, max_seconds, stall_seconds):
+        self.worker = worker
+        self.max_seconds = max_seconds
+        self.stall_seconds = stall_seconds
+        self.started = self.last_output = time.monotonic()
+        self.reason = None
+        self.stopped = threading.Event()
+        if max_seconds or stall_seconds:
+            threading.Thread(target=self.run, daemon=True,
+                             name="watchdog").start()
+
+    def run(self):
+        while not self.stopped.wait(1.0):
+            now = time.monotonic()
+            if self.max_seconds and now - self.started > self.max_seconds:
+                self.reason = ("task ran longer than the limit of %.0f s "
+                               "(work --max-task-time)" % self.max_seconds)
+            elif self.stall_seconds and \
+                    now - self.last_output > self.stall_seconds:
+                self.reason = ("POV-Ray printed nothing for %.0f s "
+                               "(work --stall-timeout)" % self.stall_seconds)
+            if self.reason:
+                worker_log.warning("stopping POV-Ray: %s", self.reason)
+                self.worker.terminate_povray()
+                return
+
+    def stop(self):
+        self.stopped.set()
 
 
 class Heartbeat:
@@ -3461,6 +3581,7 @@ def default_workdir():
 # 9. Command line
 # ===========================================================================
 
+JOB_ACTIONS = ("pause", "resume", "cancel", "retry", "delete")
 DEFAULT_DATA_DIR = "httpov-data"
 DEFAULT_RENDER_OUTPUT = "render-out"
 STATUS_POLL_SECONDS = 0.5          # render's progress line refresh
@@ -3576,7 +3697,8 @@ def fetch_frames(client, job, output_dir, fetched):
 
 def command_serve(args):
     farm = Farm(args.data, lease_seconds=args.lease,
-                max_attempts=args.max_attempts)
+                max_attempts=args.max_attempts,
+                busy_seconds=args.busy_timeout)
     farm.recover()
     try:
         server = FarmHTTPServer((args.bind, args.port), farm)
@@ -3626,7 +3748,8 @@ def command_work(args):
     worker = Worker(args.url, token_from(args), name=args.name,
                     group=args.group, povray=args.povray,
                     threads=args.threads, workdir=args.workdir,
-                    once=args.once)
+                    once=args.once, max_task_seconds=args.max_task_time,
+                    stall_seconds=args.stall_timeout)
     presses = [0]
 
     def on_interrupt(number, frame):
@@ -3872,6 +3995,10 @@ def build_parser():
                        default=DEFAULT_MAX_ATTEMPTS, metavar="N",
                        help="attempts per task before its job fails "
                        "(default %d)" % DEFAULT_MAX_ATTEMPTS)
+    serve.add_argument("--busy-timeout", type=float, dest="busy_timeout",
+                       default=SQLITE_BUSY_SECONDS, metavar="SECONDS",
+                       help="wait this long for a locked database before "
+                       "answering 503 (default %.0f)" % SQLITE_BUSY_SECONDS)
 
     token = commands.add_parser("token", help="print the server's tokens")
     token.add_argument("--data", default=DEFAULT_DATA_DIR,
@@ -3891,6 +4018,16 @@ def build_parser():
                       % default_workdir())
     work.add_argument("--once", action="store_true",
                       help="render at most one task, then exit")
+    work.add_argument("--max-task-time", type=float, default=0,
+                      dest="max_task_time", metavar="SECONDS",
+                      help="stop POV-Ray after this long and report the "
+                      "task failed (default 0: no limit)")
+    work.add_argument("--stall-timeout", type=float,
+                      default=DEFAULT_STALL_SECONDS, dest="stall_timeout",
+                      metavar="SECONDS",
+                      help="stop POV-Ray when it prints nothing for this "
+                      "long (default %d; 0: no limit)"
+                      % DEFAULT_STALL_SECONDS)
 
     submit = commands.add_parser("submit", help="submit a job")
     submit.add_argument("url", help="server URL")
@@ -3918,8 +4055,7 @@ def build_parser():
                               "delete or change a job")
     job.add_argument("url", help="server URL")
     job.add_argument("job", type=int, help="job id")
-    job.add_argument("action", nargs="?", choices=(
-        "pause", "resume", "cancel", "retry", "delete"))
+    job.add_argument("action", nargs="?", choices=JOB_ACTIONS)
     job.add_argument("--token", help="admin token (or HTTPOV_TOKEN)")
     job.add_argument("--priority", type=int, help="new priority")
     job.add_argument("--max-workers", type=int, dest="max_workers",
@@ -3955,6 +4091,13 @@ def main(argv=None):
     if "--" in argv:
         split = argv.index("--")
         argv, povray_options = argv[:split], argv[split + 1:]
+    if argv and argv[0] == "job":
+        # argparse cannot read an optional positional that comes after
+        # options ("job URL 3 --token T pause"), so move it forward.
+        for index, word in enumerate(argv[1:], 1):
+            if word in JOB_ACTIONS and index > 3:
+                argv.insert(3, argv.pop(index))
+                break
     args = build_parser().parse_args(argv)
     args.povray_options = povray_options
     if povray_options and args.command not in ("submit", "render"):

@@ -792,7 +792,7 @@ def run_cli(*arguments, env=None, timeout=300):
 class ServerProcess:
     """A real ``httpov.py serve`` on a free loopback port."""
 
-    def __init__(self, data_dir, lease=10):
+    def __init__(self, data_dir, lease=10, extra=()):
         self.data_dir = data_dir
         self.log_path = os.path.join(os.path.dirname(data_dir),
                                      "server.log")
@@ -800,7 +800,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "httpov.py"), "serve",
                  "--bind", "127.0.0.1", "--port", "0", "--data", data_dir,
-                 "--lease", str(lease)],
+                 "--lease", str(lease)] + list(extra),
                 stdout=subprocess.PIPE, stderr=log_file,
                 universal_newlines=True)
         first_line = self.process.stdout.readline()
@@ -1069,6 +1069,273 @@ class EndToEndTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0)
         self.assertEqual(result.stdout.splitlines(), [
             "admin " + self.server.admin, "worker " + self.server.worker])
+
+
+def write_script(folder, name, body):
+    """Write an executable shell script that stands in for POV-Ray."""
+    path = os.path.join(folder, name)
+    with open(path, "w") as out:
+        out.write("#!/bin/sh\n" + body + "\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def result_zip(path, members):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, source in members.items():
+            archive.write(source, name)
+    return path
+
+
+@needs_povray
+class FailureTest(unittest.TestCase):
+    """Bad renders, bad results and bad jobs end failed with a message."""
+
+    def setUp(self):
+        self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
+        self.folder = tempfile.mkdtemp(prefix="httpov-fail-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.server = ServerProcess(os.path.join(self.folder, "data"),
+                                    lease=5)
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        self.scene = os.path.join(self.folder, "ball.pov")
+        with open(self.scene, "wb") as out:
+            out.write(SPHERE_SCENE)
+        self.processes = []
+        self.addCleanup(self.stop_processes)
+
+    def stop_processes(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def submit(self, *options):
+        result = run_cli("submit", self.server.url, self.scene, "--token",
+                         self.server.admin, *options)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return int(result.stdout)
+
+    def work(self, *options):
+        name = "w%d" % len(self.processes)
+        log_path = os.path.join(self.folder, name + ".log")
+        with open(log_path, "a") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "httpov.py"), "work",
+                 self.server.url, "--token", self.server.worker,
+                 "--threads", "1", "--workdir",
+                 os.path.join(self.folder, name)] + list(options),
+                stdout=log_file, stderr=log_file)
+        self.processes.append(process)
+        return process
+
+    def worker_client(self):
+        client = httpov.ApiClient(self.server.url, self.server.worker)
+        self.addCleanup(client.close)
+        worker = client.call("POST", "/api/workers", {"name": "test"})
+        return client, worker["worker"]
+
+    def test_scene_without_image_fails(self):
+        script = write_script(self.folder, "no-image", "exit 0")
+        job_id = self.submit("--", "+W32", "+H32")
+        self.work("--povray", script)
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("without writing the image", job["error"])
+
+    def test_wrong_size_image_fails(self):
+        script = write_script(self.folder, "wrong-size",
+                              'exec %s "$@" +W17 +H13' % POVRAY)
+        job_id = self.submit("--", "+W32", "+H32")
+        self.work("--povray", script)
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("image is 17x13, expected 32x32", job["error"])
+
+    def test_stalled_povray_is_stopped(self):
+        marker = os.path.join(self.folder, "stall-marker")
+        script = write_script(
+            self.folder, "stall", '%s -c "import time; time.sleep(300)" '
+            '%s & wait' % (sys.executable, marker))
+        job_id = self.submit("--", "+W32", "+H32")
+        self.work("--povray", script, "--stall-timeout", "1")
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("printed nothing for 1 s", job["error"])
+        left = subprocess.run(["pgrep", "-f", marker],
+                              stdout=subprocess.PIPE)
+        self.assertEqual(left.stdout, b"", "POV-Ray's children survived")
+
+    def test_task_time_limit(self):
+        job_id = self.submit("--", "+W640", "+H480", "+A0.01", "+R9")
+        self.work("--max-task-time", "1")
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("longer than the limit of 1 s", job["error"])
+        tasks = self.client.call("GET", "/api/jobs/%d/tasks" % job_id)
+        self.assertEqual(tasks["tasks"][0]["attempts"], 3)
+
+    def test_killed_povray_named_by_signal(self):
+        script = write_script(self.folder, "killed", "kill -9 $$")
+        job_id = self.submit("--", "+W32", "+H32")
+        self.work("--povray", script)
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("killed by SIGKILL", job["error"])
+
+    def test_server_rejects_wrong_size_result(self):
+        self.submit("--", "+W32", "+H32")
+        client, worker_id = self.worker_client()
+        task = client.call("POST", "/api/claim", {"worker": worker_id})
+        task = task["task"]
+        image = os.path.join(self.folder, "small.png")
+        info = httpov.ImageInfo(16, 16, 8, 2)
+        httpov.write_png(image, info, [(0, bytes(48))] * 16)
+        upload = result_zip(os.path.join(self.folder, "r.zip"),
+                            {"frames/0.png": image})
+        path = "/api/tasks/%d/result?attempt=%s" % (task["id"],
+                                                   task["attempt"])
+        with self.assertRaises(httpov.ApiError) as caught:
+            client.upload(path, upload)
+        self.assertEqual(caught.exception.status, 400)
+        self.assertIn("expected 32x32", caught.exception.message)
+        stored = self.client.call("GET", "/api/jobs/%d/tasks"
+                                  % task["job_id"])["tasks"][0]
+        self.assertEqual(stored["state"], "queued")
+        self.assertIn("invalid result", stored["error"])
+        with self.assertRaises(httpov.ApiError) as caught:
+            client.upload(path, upload)
+        self.assertEqual(caught.exception.status, 409,
+                         "the failed attempt is no longer current")
+
+    def test_same_name_gets_own_identity(self):
+        client = httpov.ApiClient(self.server.url, self.server.worker)
+        self.addCleanup(client.close)
+        first = client.call("POST", "/api/workers", {"name": "twin"})
+        second = client.call("POST", "/api/workers", {"name": "twin"})
+        self.assertNotEqual(first["worker"], second["worker"])
+
+    def test_missing_archive_fails_only_its_job(self):
+        broken = self.submit("--", "+W32", "+H32")
+        with open(self.scene, "ab") as out:
+            out.write(b"// another scene\n")
+        healthy = self.submit("--", "+W32", "+H32")
+        job = self.client.call("GET", "/api/jobs/%d" % broken)
+        archives = os.path.join(self.server.data_dir, "archives")
+        self.assertEqual(len(os.listdir(archives)), 2)
+        first = sorted(os.listdir(archives),
+                       key=lambda name: os.path.getmtime(
+                           os.path.join(archives, name)))[0]
+        os.remove(os.path.join(archives, first))
+        client, worker_id = self.worker_client()
+        task = client.call("POST", "/api/claim", {"worker": worker_id})
+        self.assertEqual(task["task"]["job_id"], healthy)
+        job = self.client.call("GET", "/api/jobs/%d" % broken)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("missing", job["error"])
+
+    def test_busy_database_answers_503(self):
+        self.server.stop()
+        self.server = ServerProcess(os.path.join(self.folder, "data"),
+                                    lease=5, extra=["--busy-timeout",
+                                                    "0.2"])
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        job_id = self.submit("--", "+W32", "+H32", "+KFF2")
+        import sqlite3
+        lock = sqlite3.connect(os.path.join(self.server.data_dir,
+                                            "httpov.sqlite3"),
+                               isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        client, worker_id = None, None
+        try:
+            client = httpov.ApiClient(self.server.url, self.server.worker)
+            with self.assertRaises(httpov.ApiError) as caught:
+                client.call("POST", "/api/workers", {"name": "busy"})
+            self.assertEqual(caught.exception.status, 503)
+            self.assertEqual(caught.exception.retry_after, 2)
+            worker = self.work()
+            time.sleep(4)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+            if client:
+                client.close()
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done")
+        with open(os.path.join(self.folder, "w0.log")) as source:
+            self.assertIn("server busy; retrying", source.read())
+        self.assertIsNone(worker.poll())
+
+    def test_repeat_failures_keep_worker_away(self):
+        script = write_script(self.folder, "broken", "exit 1")
+        self.submit("--frames-per-task", "1", "--", "+W32", "+H32",
+                    "+KFF9")
+        client, worker_id = self.worker_client()
+        for number in range(3):
+            task = client.call("POST", "/api/claim",
+                               {"worker": worker_id})["task"]
+            client.call("POST", "/api/tasks/%d/fail" % task["id"],
+                        {"attempt": task["attempt"], "error": "broken"})
+        answer = client.call("POST", "/api/claim", {"worker": worker_id})
+        self.assertIsNone(answer["task"],
+                          "a worker that failed 3 tasks is kept away")
+        other, other_id = self.worker_client()
+        answer = other.call("POST", "/api/claim", {"worker": other_id})
+        self.assertIsNotNone(answer["task"])
+        del script
+
+    def test_job_command_controls_job(self):
+        job_id = self.submit("--", "+W32", "+H32", "+KFF3")
+
+        def job_cli(*arguments):
+            return run_cli("job", self.server.url, job_id, "--token",
+                           self.server.admin, *arguments)
+
+        def state():
+            return self.client.call("GET", "/api/jobs/%d" % job_id)
+
+        result = job_cli("pause")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(state()["state"], "paused")
+        client, worker_id = self.worker_client()
+        answer = client.call("POST", "/api/claim", {"worker": worker_id})
+        self.assertIsNone(answer["task"], "a paused job hands out nothing")
+        result = job_cli("--priority", "5", "--max-workers", "2")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual((state()["priority"], state()["max_workers"]),
+                         (5, 2))
+        self.assertEqual(job_cli("resume").returncode, 0)
+        self.assertEqual(state()["state"], "queued")
+        self.assertEqual(job_cli("cancel").returncode, 0)
+        self.assertEqual(state()["state"], "cancelled")
+        again = job_cli("cancel")
+        self.assertEqual(again.returncode, 1)
+        self.assertIn("already cancelled", again.stderr)
+        self.assertEqual(job_cli("retry").returncode, 0)
+        self.assertEqual(state()["state"], "queued")
+        self.assertEqual(job_cli("delete").returncode, 0)
+        with self.assertRaises(httpov.ApiError) as caught:
+            state()
+        self.assertEqual(caught.exception.status, 404)
+        self.assertEqual(os.listdir(os.path.join(self.server.data_dir,
+                                                 "archives")), [])
+
+    def test_large_job_schedules(self):
+        started = time.time()
+        job_id = self.submit("--", "+W32", "+H32", "+KFF100000")
+        seconds = time.time() - started
+        job = self.client.call("GET", "/api/jobs/%d" % job_id)
+        self.assertEqual(job["tasks"], 100000)
+        client, worker_id = self.worker_client()
+        task = client.call("POST", "/api/claim", {"worker": worker_id})
+        self.assertEqual(task["task"]["frame_first"], 1)
+        sys.stderr.write("(100,000-frame job accepted in %.1f s) "
+                         % seconds)
+        self.client.call("POST", "/api/jobs/%d/delete" % job_id)
 
 
 @needs_povray
