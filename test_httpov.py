@@ -792,14 +792,15 @@ def run_cli(*arguments, env=None, timeout=300):
 class ServerProcess:
     """A real ``httpov.py serve`` on a free loopback port."""
 
-    def __init__(self, data_dir, lease=10, extra=()):
+    def __init__(self, data_dir, lease=10, extra=(), port=0):
         self.data_dir = data_dir
         self.log_path = os.path.join(os.path.dirname(data_dir),
                                      "server.log")
         with open(self.log_path, "a") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "httpov.py"), "serve",
-                 "--bind", "127.0.0.1", "--port", "0", "--data", data_dir,
+                 "--bind", "127.0.0.1", "--port", str(port), "--data",
+                 data_dir,
                  "--lease", str(lease)] + list(extra),
                 stdout=subprocess.PIPE, stderr=log_file,
                 universal_newlines=True)
@@ -1336,6 +1337,72 @@ class FailureTest(unittest.TestCase):
         sys.stderr.write("(100,000-frame job accepted in %.1f s) "
                          % seconds)
         self.client.call("POST", "/api/jobs/%d/delete" % job_id)
+
+
+@needs_povray
+class OutboxTest(unittest.TestCase):
+    """A result rendered while the server is down survives the worker."""
+
+    def test_restarted_worker_delivers_kept_result(self):
+        self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
+        folder = tempfile.mkdtemp(prefix="httpov-outbox-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        data = os.path.join(folder, "data")
+        server = ServerProcess(data, lease=30)
+        port = server.port
+        scene = os.path.join(folder, "ball.pov")
+        with open(scene, "wb") as out:
+            out.write(SPHERE_SCENE)
+        options = ["+W320", "+H240", "+A0.05", "+R4"]
+        result = run_cli("submit", server.url, scene, "--token",
+                         server.admin, "--", *options)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        job_id = int(result.stdout)
+        client = server.client()
+        first = start_worker(server, folder, "w")
+        self.addCleanup(first.kill)
+        deadline = time.time() + 30
+        while not client.call("GET", "/api/jobs/%d" % job_id)[
+                "tasks_running"]:
+            self.assertLess(time.time(), deadline, "task never started")
+            time.sleep(0.1)
+        client.close()
+        server.stop()
+
+        log_path = os.path.join(folder, "w.log")
+        deadline = time.time() + 60
+        while True:
+            with open(log_path) as source:
+                if "result kept" in source.read():
+                    break
+            self.assertLess(time.time(), deadline, "no delivery attempt")
+            time.sleep(0.2)
+        first.kill()
+        first.wait()
+        outbox = os.path.join(folder, "w", "outbox")
+        self.assertEqual(len([name for name in os.listdir(outbox)
+                              if name.endswith(".zip")]), 1)
+
+        server = ServerProcess(data, lease=30, port=port)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.addCleanup(client.close)
+        second = start_worker(server, folder, "w")
+        self.addCleanup(second.kill)
+        job = wait_for_job(client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+        tasks = client.call("GET", "/api/jobs/%d/tasks" % job_id)["tasks"]
+        self.assertEqual(tasks[0]["attempts"], 1,
+                         "the kept result was delivered, not re-rendered")
+        self.assertEqual(os.listdir(outbox), [])
+        target = os.path.join(folder, "frame.png")
+        client.download("/api/jobs/%d/frames/0.png" % job_id, target)
+        subprocess.run([POVRAY, "-D", "+WT1", "+Iball.pov", "+FN8",
+                        "+Oref.png"] + options, cwd=folder,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=True)
+        self.assertEqual(decode_rows(target),
+                         decode_rows(os.path.join(folder, "ref.png")))
 
 
 @needs_povray
