@@ -116,6 +116,8 @@ MAX_LOG_BYTES = 64 * 1024         # tail of POV-Ray's output kept per task
 MAX_POVRAY_OPTIONS = 100          # POV-Ray options given at submit
 HTTP_TIMEOUT_SECONDS = 60         # socket timeout of server and client
 COPY_CHUNK_BYTES = 1 << 20        # 1 MiB: streaming buffer size
+MAX_DRAINED_BYTES = 16 << 20      # 16 MiB: rejected body still read, so
+                                  # the client sees the error response
 
 TOKEN_BYTES = 32
 SESSION_COOKIE = "httpov_session"
@@ -1852,10 +1854,14 @@ class Farm:
 
     def __init__(self, data_dir, lease_seconds=DEFAULT_LEASE_SECONDS,
                  max_attempts=DEFAULT_MAX_ATTEMPTS,
-                 busy_seconds=SQLITE_BUSY_SECONDS):
+                 busy_seconds=SQLITE_BUSY_SECONDS,
+                 max_job_bytes=MAX_JOB_BYTES,
+                 max_result_bytes=MAX_RESULT_BYTES):
         self.data_dir = os.path.abspath(data_dir)
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_job_bytes = int(max_job_bytes)
+        self.max_result_bytes = int(max_result_bytes)
         for folder in ("archives", "frames", "slices", "tmp"):
             os.makedirs(os.path.join(self.data_dir, folder), exist_ok=True)
         for name in os.listdir(self.path("tmp")):
@@ -2013,7 +2019,8 @@ class Farm:
         worker_id = self.db.register_worker(name, group, host, time.time())
         server_log.info("worker %d registered as %r (group %r, host %r)",
                         worker_id, name, group, host)
-        return {"worker": worker_id, "lease_seconds": self.lease_seconds}
+        return {"worker": worker_id, "lease_seconds": self.lease_seconds,
+                "max_result_bytes": self.max_result_bytes}
 
     def claim(self, worker_id):
         """Lease a task to a worker; a job whose stored data cannot be
@@ -2154,10 +2161,10 @@ class Farm:
                                    ", ".join(sorted(names)) or "nothing"))
             for name in expected:
                 member = archive.getinfo(name)
-                if member.file_size > MAX_RESULT_BYTES:
+                if member.file_size > self.max_result_bytes:
                     raise TooLarge("%s unpacks to %d bytes, more than %d"
                                    % (name, member.file_size,
-                                      MAX_RESULT_BYTES))
+                                      self.max_result_bytes))
                 temp_path = self.temp_path(".png")
                 prepared.append((temp_path, None))
                 with archive.open(member) as source, \
@@ -2424,6 +2431,11 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise UserError("invalid Content-Length %r" % value)
         if length > limit:
+            if length <= MAX_DRAINED_BYTES:
+                # Read a small body, so that the client, still sending,
+                # gets the 413 instead of a broken connection.
+                self.rfile.read(length)
+                self.body_read = True
             self.close_connection = True
             raise TooLarge("request body of %d bytes is larger than the "
                            "limit of %d bytes" % (length, limit))
@@ -2522,7 +2534,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         options = {name: self.query_value(name) for name in
                    JOB_OPTION_NAMES if self.query_value(name) is not None}
         options["povray_options"] = self.query.get("option", [])
-        upload = self.read_body_to_file(MAX_JOB_BYTES, ".zip")
+        upload = self.read_body_to_file(self.farm.max_job_bytes, ".zip")
         try:
             summary = self.farm.submit(upload, options)
         except UserError as error:
@@ -2610,7 +2622,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         attempt = self.query_value("attempt")
         if not attempt:
             raise UserError("missing attempt parameter")
-        upload = self.read_body_to_file(MAX_RESULT_BYTES, ".zip")
+        upload = self.read_body_to_file(self.farm.max_result_bytes, ".zip")
         try:
             self.send_json(self.farm.deliver(int(task_id), attempt, upload))
         except Conflict as error:
@@ -3024,6 +3036,7 @@ class Worker:
         self.console = console and sys.stderr.isatty()
         self.client = ApiClient(url, token)
         self.worker_id = None
+        self.max_result_bytes = None
         self.stop_after_task = threading.Event()
         self.stop_now = threading.Event()
         self.process = None
@@ -3064,6 +3077,7 @@ class Worker:
             "name": self.name, "group": self.group,
             "host": socket.gethostname()})
         self.worker_id = answer["worker"]
+        self.max_result_bytes = answer.get("max_result_bytes")
         worker_log.info("registered with %s as worker %d (%s)",
                         self.url, self.worker_id, self.name)
 
@@ -3370,6 +3384,13 @@ class Worker:
                     archive.write(path, "frames/%d.png" % frame)
             archive.writestr("log.txt", log_text[-MAX_LOG_BYTES:],
                              zipfile.ZIP_DEFLATED)
+        size = os.path.getsize(result)
+        if self.max_result_bytes and size > self.max_result_bytes:
+            raise TaskFailed("result of %d bytes is larger than the "
+                             "server's limit of %d bytes (serve "
+                             "--max-result-mib)" % (size,
+                                                    self.max_result_bytes),
+                             log_text)
         return result
 
     def terminate_povray(self):
@@ -3698,7 +3719,9 @@ def fetch_frames(client, job, output_dir, fetched):
 def command_serve(args):
     farm = Farm(args.data, lease_seconds=args.lease,
                 max_attempts=args.max_attempts,
-                busy_seconds=args.busy_timeout)
+                busy_seconds=args.busy_timeout,
+                max_job_bytes=args.max_job_mib * (1 << 20),
+                max_result_bytes=args.max_result_mib * (1 << 20))
     farm.recover()
     try:
         server = FarmHTTPServer((args.bind, args.port), farm)
@@ -3995,6 +4018,15 @@ def build_parser():
                        default=DEFAULT_MAX_ATTEMPTS, metavar="N",
                        help="attempts per task before its job fails "
                        "(default %d)" % DEFAULT_MAX_ATTEMPTS)
+    serve.add_argument("--max-job-mib", type=float, dest="max_job_mib",
+                       default=MAX_JOB_BYTES >> 20, metavar="MIB",
+                       help="largest job upload in MiB (default %d)"
+                       % (MAX_JOB_BYTES >> 20))
+    serve.add_argument("--max-result-mib", type=float,
+                       dest="max_result_mib",
+                       default=MAX_RESULT_BYTES >> 20, metavar="MIB",
+                       help="largest task result upload in MiB "
+                       "(default %d)" % (MAX_RESULT_BYTES >> 20))
     serve.add_argument("--busy-timeout", type=float, dest="busy_timeout",
                        default=SQLITE_BUSY_SECONDS, metavar="SECONDS",
                        help="wait this long for a locked database before "

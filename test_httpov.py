@@ -1211,6 +1211,34 @@ class FailureTest(unittest.TestCase):
         self.assertEqual(caught.exception.status, 409,
                          "the failed attempt is no longer current")
 
+    def test_result_over_size_cap(self):
+        self.server.stop()
+        self.server = ServerProcess(os.path.join(self.folder, "data"),
+                                    lease=5, extra=["--max-result-mib",
+                                                    "0.01"])
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        job_id = self.submit("--", "+W320", "+H240")
+        client, worker_id = self.worker_client()
+        task = client.call("POST", "/api/claim", {"worker": worker_id})
+        task = task["task"]
+        upload = os.path.join(self.folder, "big.zip")
+        with open(upload, "wb") as out:
+            out.write(os.urandom(200000))
+        with self.assertRaises(httpov.ApiError) as caught:
+            client.upload("/api/tasks/%d/result?attempt=%s"
+                          % (task["id"], task["attempt"]), upload)
+        self.assertEqual(caught.exception.status, 413)
+        self.assertIn("larger than the limit", caught.exception.message)
+        client.call("POST", "/api/tasks/%d/release" % task["id"],
+                    {"attempt": task["attempt"]})
+
+        self.work()
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("larger than the server's limit", job["error"])
+
     def test_same_name_gets_own_identity(self):
         client = httpov.ApiClient(self.server.url, self.server.worker)
         self.addCleanup(client.close)
