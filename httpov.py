@@ -92,9 +92,11 @@ __version__ = "0.1.0"
 
 DEFAULT_PORT = 8080
 DEFAULT_LEASE_SECONDS = 120
+MIN_LEASE_SECONDS = 2             # shorter leases expire between heartbeats
 DEFAULT_MAX_ATTEMPTS = 3
 IDLE_POLL_SECONDS = 2.0           # how long a worker waits when idle
-MAX_IDLE_POLL_SECONDS = 10.0      # cap of the idle wait
+MAX_IDLE_POLL_SECONDS = 5.0       # cap of the idle wait
+MAX_HEARTBEAT_SECONDS = 10.0      # heartbeat interval: lease/4, at most
 RETRY_MIN_SECONDS = 1.0           # first wait after a network error
 RETRY_MAX_SECONDS = 60.0          # cap of the exponential backoff
 HOUSEKEEPING_SECONDS = 2.0        # how often the server expires leases
@@ -1230,7 +1232,7 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
     state TEXT NOT NULL,            -- queued running paused done failed
                                     -- cancelled
@@ -1255,7 +1257,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL
 );
 CREATE TABLE IF NOT EXISTS tasks (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     frame_first INTEGER NOT NULL,
@@ -1291,7 +1293,7 @@ CREATE TABLE IF NOT EXISTS worker_job_failures (
     PRIMARY KEY (worker_id, job_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS workers (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
     grp TEXT NOT NULL,
     host TEXT NOT NULL,
@@ -1668,11 +1670,17 @@ class Database:
                     row["attempt"] == attempt)
 
     def leased_task(self, task_id, attempt):
-        """Return (task, job) while ``attempt`` holds the lease."""
+        """Return (task, job) while ``attempt`` holds the lease.
+
+        A task of a cancelled job goes back to the queue at once, so
+        that a later retry does not wait for its lease to run out.
+        """
         with self.transaction() as db:
             task = self._current_task(db, task_id, attempt)
             job = db.execute("SELECT * FROM jobs WHERE id = ?",
                              (task["job_id"],)).fetchone()
+            if job["state"] not in ACTIVE_JOB_STATES + ("paused",):
+                self._requeue(db, task)
         if job["state"] not in ACTIVE_JOB_STATES + ("paused",):
             raise Conflict("job %d is %s; the result is not needed"
                            % (job["id"], job["state"]))
@@ -1779,13 +1787,15 @@ class Database:
     def release_task(self, task_id, attempt):
         """Give a task back without counting the attempt."""
         with self.transaction() as db:
-            task = self._current_task(db, task_id, attempt)
-            db.execute("UPDATE tasks SET state = 'queued', attempt = NULL,"
-                       " attempts = MAX(attempts - 1, 0), worker_id = NULL,"
-                       " lease_until = NULL, progress = 0 WHERE id = ?",
-                       (task_id,))
-            db.execute("UPDATE workers SET task_id = NULL WHERE id = ?",
-                       (task["worker_id"],))
+            self._requeue(db, self._current_task(db, task_id, attempt))
+
+    def _requeue(self, db, task):
+        db.execute("UPDATE tasks SET state = 'queued', attempt = NULL,"
+                   " attempts = MAX(attempts - 1, 0), worker_id = NULL,"
+                   " lease_until = NULL, progress = 0 WHERE id = ?",
+                   (task["id"],))
+        db.execute("UPDATE workers SET task_id = NULL WHERE id = ?",
+                   (task["worker_id"],))
 
     def _end_attempt(self, db, task_id, error, log_text, now):
         task = db.execute("SELECT * FROM tasks WHERE id = ?",
@@ -1858,6 +1868,8 @@ class Farm:
                  max_job_bytes=MAX_JOB_BYTES,
                  max_result_bytes=MAX_RESULT_BYTES):
         self.data_dir = os.path.abspath(data_dir)
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.lock_file = lock_data_dir(self.data_dir)
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.max_job_bytes = int(max_job_bytes)
@@ -1987,8 +1999,8 @@ class Farm:
     def task_summary(self, task, with_log=True):
         summary = {key: task[key] for key in (
             "id", "job_id", "state", "frame_first", "frame_last",
-            "row_first", "row_last", "attempts", "worker_id", "progress",
-            "error")}
+            "row_first", "row_last", "attempts", "worker_id",
+            "failed_worker", "progress", "error")}
         if with_log:
             summary["log"] = task["log"]
         return summary
@@ -2230,13 +2242,40 @@ class Farm:
                 server_log.info("job %d frame %d: stitched from %d slices",
                                 job["id"], frame, len(paths))
             finished.append(frame)
-        if finished and self.db.mark_frames_done(job["id"], finished,
-                                                 time.time()):
+        job_done = finished and self.db.mark_frames_done(
+            job["id"], finished, time.time())
+        if job_done:
             server_log.info("job %d: done", job["id"])
         if sliced:
             for frame in finished:
                 shutil.rmtree(self.path("slices", str(job["id"]),
                                         str(frame)), ignore_errors=True)
+            if job_done:
+                shutil.rmtree(self.path("slices", str(job["id"])),
+                              ignore_errors=True)
+
+
+def lock_data_dir(data_dir):
+    """Lock the data folder for this process; return the open lock file.
+
+    Two servers on one database would lease the same tasks twice. The
+    operating system drops the lock when the process dies, even by
+    ``kill -9``.
+    """
+    lock_file = open(os.path.join(data_dir, "lock"), "a+")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            import msvcrt
+            msvcrt.locking(lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        lock_file.close()
+        raise UserError("data folder %s is in use by another httpov "
+                           "server; stop it or pass another --data"
+                           % data_dir)
+    return lock_file
 
 
 def remove_tree_or_file(path):
@@ -2413,7 +2452,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             raise Unauthorized("missing token: send the header "
                                "'Authorization: Bearer TOKEN' (see "
                                "'httpov.py token')")
-        raise Unauthorized("invalid token for this request")
+        raise Unauthorized("invalid token: this request needs the %s "
+                           "token (see 'httpov.py token')"
+                           % ("admin" if role == "admin" else
+                              "worker or admin"))
 
     # -- request bodies -----------------------------------------------------
 
@@ -2575,6 +2617,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def api_frame(self, job_id, frame):
         job = self.farm.db.job(int(job_id))
+        if not job["first_frame"] <= int(frame) <= job["last_frame"]:
+            raise NotFound("job %s has no frame %s (frames %d-%d)"
+                           % (job_id, frame, job["first_frame"],
+                              job["last_frame"]))
         if not self.farm.db.frame_done(int(job_id), int(frame)):
             raise NotFound("frame %s of job %s is not finished"
                            % (frame, job_id))
@@ -2656,7 +2702,13 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         if token is not None:
             if not hmac.compare_digest(token.encode(),
                                        self.farm.tokens["admin"].encode()):
-                raise Unauthorized("invalid token in the login link")
+                server_log.warning("status page: login with an invalid "
+                                   "token from %s", self.address_string())
+                page = render_login_page("The token in this link is "
+                                         "invalid.")
+                self.send_bytes(page.encode(), "text/html; charset=utf-8",
+                                401)
+                return
             cookie = ("%s=%s; HttpOnly; SameSite=Strict; Path=/"
                       % (SESSION_COOKIE, self.farm.session))
             self.send_bytes(b"", "text/plain", 303,
@@ -2690,12 +2742,12 @@ th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd;
 """
 
 
-def render_login_page():
+def render_login_page(problem=""):
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
             "<title>httpov</title></head><body><h1>httpov</h1>"
-            "<p>Open the login link that <code>httpov.py serve</code> "
+            "<p>%s Open the login link that <code>httpov.py serve</code> "
             "printed (it ends in <code>/?token=...</code>).</p>"
-            "</body></html>")
+            "</body></html>" % html.escape(problem))
 
 
 def render_status_page(jobs, workers, now):
@@ -2778,16 +2830,20 @@ class ApiClient:
     """A small client for the JSON API; one instance per thread."""
 
     def __init__(self, url, token, timeout=HTTP_TIMEOUT_SECONDS):
-        parsed = urllib.parse.urlsplit(url if "://" in url
-                                       else "http://" + url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        parsed = urllib.parse.urlsplit(url)
+        try:
+            port = parsed.port
+        except ValueError:
+            port = -1
+        if parsed.scheme not in ("http", "https") or not parsed.hostname \
+                or "://" not in url or port == -1:
             raise UserError("invalid server URL %r: expected "
                             "http://HOST:PORT/" % url)
         self.url = url
         self.scheme = parsed.scheme
         self.host = parsed.hostname
-        self.port = parsed.port or (443 if parsed.scheme == "https"
-                                    else DEFAULT_PORT)
+        self.port = port or (443 if parsed.scheme == "https"
+                             else DEFAULT_PORT)
         self.prefix = parsed.path.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -2838,8 +2894,10 @@ class ApiClient:
                 self.close()
         except (OSError, http.client.HTTPException) as error:
             self.close()
-            raise ServerUnreachable("cannot reach %s: %s"
-                                    % (self.url, error or type(error)))
+            raise ServerUnreachable(
+                "cannot reach %s: %s (is 'httpov.py serve' running there, "
+                "and are host and port right?)"
+                % (self.url, error or type(error).__name__))
         if response.status >= 400:
             try:
                 message = json.loads(data.decode())["error"]
@@ -2929,6 +2987,9 @@ def povray_command(povray, task, threads, output_base, error_file):
         command.append(task["ini"])
     command.extend(task["povray_options"])
     command.extend([
+        # The worker's POVINI holds no size, and POV-Ray's built-in
+        # default (160x120) differs from the system INI's 800x600.
+        "+W%d" % settings["width"], "+H%d" % settings["height"],
         "+I" + settings["input_file"],
         "+O" + output_base,
         "+FN%d" % settings["depth"],
@@ -3147,7 +3208,8 @@ class Worker:
             worker_log.info("%s: rendered", label)
         except TaskAbandoned as reason:
             worker_log.warning("%s: abandoned (%s)", label, reason)
-            if self.stop_now.is_set() and not heartbeat.rejected:
+            if heartbeat.cancelled or (self.stop_now.is_set() and
+                                       not heartbeat.rejected):
                 self.release(task)
         except TaskFailed as failure:
             worker_log.error("%s: failed: %s", label, failure)
@@ -3537,6 +3599,7 @@ class Heartbeat:
         self.task = task
         self.progress = 0.0
         self.rejected = None
+        self.cancelled = False
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True,
                                        name="heartbeat-%d" % task["id"])
@@ -3552,7 +3615,8 @@ class Heartbeat:
         self.client.close()
 
     def run(self):
-        interval = max(self.task["lease_seconds"] / 4.0, 0.5)
+        interval = min(max(self.task["lease_seconds"] / 4.0, 0.5),
+                       MAX_HEARTBEAT_SECONDS)
         while not self.stopped.wait(interval * random.uniform(0.8, 1.2)):
             try:
                 answer = self.client.call(
@@ -3573,6 +3637,7 @@ class Heartbeat:
                                    error.message)
                 continue
             if answer.get("action") == "stop":
+                self.cancelled = True
                 self.abandon("the job was cancelled")
                 return
 
@@ -3584,7 +3649,9 @@ class Heartbeat:
 
 
 def task_label(task):
-    if task["frame_first"] == task["frame_last"]:
+    if not task["settings"]["animated"]:
+        frames = "still"
+    elif task["frame_first"] == task["frame_last"]:
         frames = "frame %d" % task["frame_first"]
     else:
         frames = "frames %d-%d" % (task["frame_first"], task["frame_last"])
@@ -3717,17 +3784,22 @@ def fetch_frames(client, job, output_dir, fetched):
 
 
 def command_serve(args):
-    farm = Farm(args.data, lease_seconds=args.lease,
-                max_attempts=args.max_attempts,
-                busy_seconds=args.busy_timeout,
-                max_job_bytes=args.max_job_mib * (1 << 20),
-                max_result_bytes=args.max_result_mib * (1 << 20))
-    farm.recover()
     try:
-        server = FarmHTTPServer((args.bind, args.port), farm)
-    except OSError as error:
+        server = FarmHTTPServer((args.bind, args.port), None)
+    except (OSError, OverflowError) as error:
         raise CommandError("cannot listen on %s port %d: %s"
                            % (args.bind, args.port, error))
+    try:
+        farm = Farm(args.data, lease_seconds=args.lease,
+                    max_attempts=args.max_attempts,
+                    busy_seconds=args.busy_timeout,
+                    max_job_bytes=args.max_job_mib * (1 << 20),
+                    max_result_bytes=args.max_result_mib * (1 << 20))
+    except BaseException:
+        server.server_close()
+        raise
+    server.farm = farm
+    farm.recover()
     port = server.server_address[1]
     host = args.bind
     if host in ("0.0.0.0", "::", ""):
@@ -3767,7 +3839,17 @@ def command_token(args):
     return 0
 
 
+def find_povray(povray):
+    """Return the POV-Ray executable's path, or raise CommandError."""
+    found = shutil.which(povray)
+    if found is None:
+        raise CommandError("POV-Ray %r not found; install POV-Ray 3.7 or "
+                           "pass --povray PATH" % povray)
+    return found
+
+
 def command_work(args):
+    find_povray(args.povray)
     worker = Worker(args.url, token_from(args), name=args.name,
                     group=args.group, povray=args.povray,
                     threads=args.threads, workdir=args.workdir,
@@ -3826,8 +3908,8 @@ def command_status(args):
     for task in job["failed_tasks"]:
         print("failed task %d (frames %d-%d, rows %d-%d) on worker %s: %s"
               % (task["id"], task["frame_first"], task["frame_last"],
-                 task["row_first"], task["row_last"], task["worker_id"],
-                 task["error"]))
+                 task["row_first"], task["row_last"],
+                 task["failed_worker"], task["error"]))
     for task in job["running_tasks"]:
         print("running task %d (frames %d-%d) on worker %s: %.0f%%"
               % (task["id"], task["frame_first"], task["frame_last"],
@@ -3838,6 +3920,7 @@ def command_status(args):
 def command_fetch(args):
     client = ApiClient(args.url, token_from(args))
     fetched = set()
+    said_paused = False
     while True:
         job = client.call("GET", "/api/jobs/%d" % args.job)
         count = fetch_frames(client, job, args.output, fetched)
@@ -3846,6 +3929,10 @@ def command_fetch(args):
                      args.output)
         if not args.wait or job["state"] in FINAL_JOB_STATES:
             break
+        if job["state"] == "paused" and not said_paused:
+            log.info("job %d is paused; waiting until it is resumed",
+                     args.job)
+        said_paused = job["state"] == "paused"
         time.sleep(FETCH_POLL_SECONDS)
     if len(fetched) == job["frames"]:
         print("job %d: all %d frames in %s" % (args.job, len(fetched),
@@ -3871,19 +3958,22 @@ def command_job(args):
         changes["priority"] = args.priority
     if args.max_workers is not None:
         changes["max_workers"] = args.max_workers
-    if changes:
-        job = client.call("POST", "/api/jobs/%d" % args.job, changes)
-        print("job %d: priority %d, max workers %d"
-              % (job["id"], job["priority"], job["max_workers"]))
+    # The action goes first: when it is refused, nothing has changed.
     if args.action:
         answer = client.call("POST", "/api/jobs/%d/%s" % (args.job,
                                                           args.action))
         print("job %d: %s" % (args.job, answer["state"]))
+    if changes and args.action != "delete":
+        job = client.call("POST", "/api/jobs/%d" % args.job, changes)
+        print("job %d: priority %d, max workers %d"
+              % (job["id"], job["priority"], job["max_workers"]))
     return 0
 
 
 def command_render(args):
     """Render a scene on this machine: embedded server plus workers."""
+    find_povray(args.povray)
+    os.makedirs(args.output, exist_ok=True)
     if not args.verbose:
         # The progress line replaces the per-task log lines.
         server_log.setLevel(logging.WARNING)
@@ -3901,6 +3991,12 @@ def command_render(args):
                      name="housekeeping").start()
     client = ApiClient(url, farm.tokens["admin"])
     pool = []
+
+    def on_terminate(number, frame):
+        raise KeyboardInterrupt
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, on_terminate)
     try:
         try:
             job = submit_job(client, args.path, job_options_from_args(args),
@@ -3924,14 +4020,16 @@ def command_render(args):
                  job["frames"], job["tasks"], workers, threads)
         fetched = set()
         started = time.time()
+        line = None
         while True:
             job = client.call("GET", "/api/jobs/%d" % job["id"])
             fetch_frames(client, job, args.output, fetched)
-            show_render_progress(job, time.time() - started)
+            line = show_render_progress(job, time.time() - started, line)
             if job["state"] in FINAL_JOB_STATES:
                 break
             time.sleep(STATUS_POLL_SECONDS)
-        sys.stderr.write("\n")
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
         if job["state"] != "done":
             lines = ["render %s: %s" % (job["state"], job["error"] or "")]
             for task in job["failed_tasks"][:5]:
@@ -3954,14 +4052,61 @@ def command_render(args):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def show_render_progress(job, elapsed):
+def show_render_progress(job, elapsed, last_line):
+    """Print render's progress line; return the line printed.
+
+    On a terminal the line is rewritten in place. Elsewhere (a log
+    file) a line is printed only when the numbers change.
+    """
     fraction = job["tasks_done"] / max(job["tasks"], 1)
-    line = ("\r%s: %3.0f%%  frames %d/%d  tasks %d/%d (%d running)  %.0f s"
+    line = ("%s: %3.0f%%  frames %d/%d  tasks %d/%d (%d running)"
             % (job["name"][:30], 100 * fraction, job["frames_done"],
                job["frames"], job["tasks_done"], job["tasks"],
-               job["tasks_running"], elapsed))
-    sys.stderr.write(line)
+               job["tasks_running"]))
+    if sys.stderr.isatty():
+        sys.stderr.write("\r%s  %.0f s" % (line, elapsed))
+    elif line != last_line:
+        sys.stderr.write("%s  %.0f s\n" % (line, elapsed))
     sys.stderr.flush()
+    return line
+
+
+def positive_int(text):
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid number %r" % text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, not %d"
+                                         % value)
+    return value
+
+
+def port_number(text):
+    """argparse type: a TCP port, 0 to 65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid port %r" % text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("port must be 0 to 65535, not %d"
+                                         % value)
+    return value
+
+
+def seconds(minimum):
+    """argparse type factory: a duration of at least ``minimum`` s."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("invalid duration %r" % text)
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(
+                "must be at least %g seconds, not %s" % (minimum, text))
+        return value
+    return parse
 
 
 def add_job_options(parser):
@@ -4002,19 +4147,33 @@ def build_parser():
                         help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    # -v also works after the command; SUPPRESS keeps the subcommand from
+    # resetting a -v given before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true",
+                         default=argparse.SUPPRESS,
+                         help="log debug messages")
+    original_add_parser = commands.add_parser
+
+    def add_parser(name, **options):
+        return original_add_parser(name, parents=[verbose], **options)
+
+    commands.add_parser = add_parser
 
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--bind", default="0.0.0.0",
                        help="address to listen on (default 0.0.0.0, all)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+    serve.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                        help="TCP port (default %d)" % DEFAULT_PORT)
     serve.add_argument("--data", default=DEFAULT_DATA_DIR,
                        help="data folder (default ./%s)" % DEFAULT_DATA_DIR)
-    serve.add_argument("--lease", type=float, default=DEFAULT_LEASE_SECONDS,
+    serve.add_argument("--lease", type=seconds(MIN_LEASE_SECONDS),
+                       default=DEFAULT_LEASE_SECONDS,
                        metavar="SECONDS",
                        help="lease length in seconds (default %d)"
                        % DEFAULT_LEASE_SECONDS)
-    serve.add_argument("--max-attempts", type=int, dest="max_attempts",
+    serve.add_argument("--max-attempts", type=positive_int,
+                       dest="max_attempts",
                        default=DEFAULT_MAX_ATTEMPTS, metavar="N",
                        help="attempts per task before its job fails "
                        "(default %d)" % DEFAULT_MAX_ATTEMPTS)
@@ -4027,7 +4186,8 @@ def build_parser():
                        default=MAX_RESULT_BYTES >> 20, metavar="MIB",
                        help="largest task result upload in MiB "
                        "(default %d)" % (MAX_RESULT_BYTES >> 20))
-    serve.add_argument("--busy-timeout", type=float, dest="busy_timeout",
+    serve.add_argument("--busy-timeout", type=seconds(0),
+                       dest="busy_timeout",
                        default=SQLITE_BUSY_SECONDS, metavar="SECONDS",
                        help="wait this long for a locked database before "
                        "answering 503 (default %.0f)" % SQLITE_BUSY_SECONDS)
@@ -4043,18 +4203,18 @@ def build_parser():
     work.add_argument("--group", default="", help="worker group")
     work.add_argument("--povray", default="povray",
                       help="POV-Ray executable (default: povray)")
-    work.add_argument("--threads", type=int, metavar="N",
+    work.add_argument("--threads", type=positive_int, metavar="N",
                       help="render threads (default: every core)")
     work.add_argument("--workdir", metavar="DIR",
                       help="cache and scratch folder (default %s)"
                       % default_workdir())
     work.add_argument("--once", action="store_true",
                       help="render at most one task, then exit")
-    work.add_argument("--max-task-time", type=float, default=0,
+    work.add_argument("--max-task-time", type=seconds(0), default=0,
                       dest="max_task_time", metavar="SECONDS",
                       help="stop POV-Ray after this long and report the "
                       "task failed (default 0: no limit)")
-    work.add_argument("--stall-timeout", type=float,
+    work.add_argument("--stall-timeout", type=seconds(0),
                       default=DEFAULT_STALL_SECONDS, dest="stall_timeout",
                       metavar="SECONDS",
                       help="stop POV-Ray when it prints nothing for this "
@@ -4083,8 +4243,12 @@ def build_parser():
     fetch.add_argument("--wait", action="store_true",
                        help="wait until the job ends")
 
-    job = commands.add_parser("job", help="pause, resume, cancel, retry, "
-                              "delete or change a job")
+    job = commands.add_parser(
+        "job", help="pause, resume, cancel, retry, delete or change a job",
+        description="pause: hand out no more tasks (running ones finish). "
+        "resume: undo pause. cancel: stop the job; its workers stop at "
+        "their next heartbeat. retry: requeue failed tasks of a failed, "
+        "cancelled or running job. delete: remove the job and its files.")
     job.add_argument("url", help="server URL")
     job.add_argument("job", type=int, help="job id")
     job.add_argument("action", nargs="?", choices=JOB_ACTIONS)
@@ -4099,12 +4263,12 @@ def build_parser():
     render.add_argument("-o", "--output", default=DEFAULT_RENDER_OUTPUT,
                         help="folder for the PNGs (default ./%s)"
                         % DEFAULT_RENDER_OUTPUT)
-    render.add_argument("--workers", type=int, metavar="N",
+    render.add_argument("--workers", type=positive_int, metavar="N",
                         help="local workers (default: one per core, at "
                         "least 2)")
     render.add_argument("--povray", default="povray",
                         help="POV-Ray executable (default: povray)")
-    render.add_argument("--lease", type=float,
+    render.add_argument("--lease", type=seconds(MIN_LEASE_SECONDS),
                         default=DEFAULT_LEASE_SECONDS, help=argparse.SUPPRESS)
     add_job_options(render)
     return parser
@@ -4130,6 +4294,11 @@ def main(argv=None):
             if word in JOB_ACTIONS and index > 3:
                 argv.insert(3, argv.pop(index))
                 break
+    misplaced = [word for word in argv[1:] if word[:1] == "+"]
+    if misplaced:
+        build_parser().error("%s looks like a POV-Ray option; put POV-Ray "
+                             "options after --, as in 'submit URL PATH -- "
+                             "+W640 +H480'" % misplaced[0])
     args = build_parser().parse_args(argv)
     args.povray_options = povray_options
     if povray_options and args.command not in ("submit", "render"):
@@ -4148,6 +4317,9 @@ def main(argv=None):
                          % (error.status, error.message))
         return 1
     except ServerUnreachable as error:
+        sys.stderr.write("httpov: %s\n" % error)
+        return 1
+    except OSError as error:
         sys.stderr.write("httpov: %s\n" % error)
         return 1
     except KeyboardInterrupt:

@@ -716,6 +716,7 @@ def sample_task(**changes):
         "id": 1, "job_id": 1, "job_name": "demo", "attempt": "a" * 32,
         "ini": "demo.ini", "povray_options": ["+A0.3"], "sliced": True,
         "settings": {"input_file": "demo.pov", "depth": 8, "height": 100,
+                     "width": 120,
                      "animated": True, "initial_frame": 1,
                      "final_frame": 10},
         "frame_first": 3, "frame_last": 3, "row_first": 1, "row_last": 32,
@@ -730,7 +731,8 @@ class CommandLineTest(unittest.TestCase):
         command = httpov.povray_command("povray", sample_task(), 2,
                                         "/out/frame", "fatal.txt")
         self.assertEqual(command[:3], ["povray", "demo.ini", "+A0.3"])
-        for option in ("+Idemo.pov", "+O/out/frame", "+FN8", "-D",
+        for option in ("+W120", "+H100", "+Idemo.pov", "+O/out/frame",
+                       "+FN8", "-D",
                        "+WT2", "+SF3", "+EF3", "+ER32"):
             self.assertIn(option, command)
 
@@ -1353,6 +1355,50 @@ class FailureTest(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(self.server.data_dir,
                                                  "archives")), [])
 
+    def test_cancel_requeues_refused_result(self):
+        job_id = self.submit("--", "+W32", "+H32")
+        client, worker_id = self.worker_client()
+        task = client.call("POST", "/api/claim", {"worker": worker_id})
+        task = task["task"]
+        self.client.call("POST", "/api/jobs/%d/cancel" % job_id)
+        beat = client.call("POST", "/api/tasks/%d/heartbeat" % task["id"],
+                           {"attempt": task["attempt"],
+                            "worker": worker_id})
+        self.assertEqual(beat["action"], "stop")
+        image = os.path.join(self.folder, "frame.png")
+        httpov.write_png(image, httpov.ImageInfo(32, 32, 8, 2),
+                         [(0, bytes(96))] * 32)
+        upload = result_zip(os.path.join(self.folder, "r.zip"),
+                            {"frames/0.png": image})
+        with self.assertRaises(httpov.ApiError) as caught:
+            client.upload("/api/tasks/%d/result?attempt=%s"
+                          % (task["id"], task["attempt"]), upload)
+        self.assertEqual(caught.exception.status, 409)
+        self.assertIn("cancelled", caught.exception.message)
+        self.client.call("POST", "/api/jobs/%d/retry" % job_id)
+        again = client.call("POST", "/api/claim", {"worker": worker_id})
+        self.assertEqual(again["task"]["id"], task["id"],
+                         "the task is queued again at once")
+
+    def test_job_ids_not_reused(self):
+        first = self.submit("--", "+W32", "+H32")
+        self.client.call("POST", "/api/jobs/%d/delete" % first)
+        second = self.submit("--", "+W32", "+H32")
+        self.assertGreater(second, first)
+
+    def test_second_server_on_same_data_rejected(self):
+        result = run_cli("serve", "--bind", "127.0.0.1", "--port", "0",
+                         "--data", self.server.data_dir, timeout=30)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("in use by another httpov server", result.stderr)
+
+    def test_worker_without_povray_exits(self):
+        result = run_cli("work", self.server.url, "--token",
+                         self.server.worker, "--povray", "/nonexistent/pov",
+                         timeout=30)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("not found", result.stderr)
+
     def test_large_job_schedules(self):
         started = time.time()
         job_id = self.submit("--", "+W32", "+H32", "+KFF100000")
@@ -1501,6 +1547,26 @@ class RenderCommandTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(output)),
                          ["spin_%d.png" % frame for frame in (1, 2, 3, 4)])
         self.assertIn("frames 4/4", result.stderr)
+
+    def test_render_scene_without_size(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(folder, "plain.pov"), "wb") as out:
+            out.write(SPHERE_SCENE)
+        output = os.path.join(folder, "out")
+        result = run_cli("render", os.path.join(folder, "plain.pov"),
+                         "-o", output, "--slices", "3")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        info, _ = decode_rows(os.path.join(output, "plain.png"))
+        self.assertEqual((info.width, info.height), (800, 600),
+                         "POV-Ray's system default size, as one machine "
+                         "renders it")
+
+    def test_render_missing_povray(self):
+        result = run_cli("render", os.path.join(EXAMPLES, "animation"),
+                         "--povray", "/nonexistent/povray")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("--povray PATH", result.stderr)
 
     def test_render_missing_path(self):
         result = run_cli("render", "/nonexistent/scene.pov")
