@@ -1267,6 +1267,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     state TEXT NOT NULL DEFAULT 'queued',   -- queued leased done failed
     attempts INTEGER NOT NULL DEFAULT 0,
     attempt TEXT,                   -- id of the current or accepted attempt
+    expired_attempt TEXT,           -- attempt whose lease ran out, until
+                                    -- another attempt is issued
     worker_id INTEGER,
     lease_until REAL,               -- server clock, seconds since epoch
     progress REAL NOT NULL DEFAULT 0,
@@ -1320,11 +1322,13 @@ class Database:
     IMMEDIATE`` transactions, so two claims never pick the same task.
     """
 
-    def __init__(self, path, busy_seconds=SQLITE_BUSY_SECONDS):
+    def __init__(self, path, busy_seconds=SQLITE_BUSY_SECONDS,
+                 lease_seconds=DEFAULT_LEASE_SECONDS):
         import sqlite3     # imported here: workers must run without it
         self.sqlite3 = sqlite3
         self.path = path
         self.busy_seconds = busy_seconds
+        self.lease_seconds = lease_seconds
         self.local = threading.local()
         connection = self.connection()
         connection.executescript(SCHEMA)
@@ -1553,9 +1557,14 @@ class Database:
                 " WHERE state = 'leased' AND lease_until < ?",
                 (now,)).fetchall()
             for row in rows:
+                attempt = db.execute("SELECT attempt FROM tasks WHERE"
+                                     " id = ?", (row["id"],)).fetchone()[0]
                 self._end_attempt(db, row["id"], "lease expired (worker %s "
                                   "stopped sending heartbeats)"
                                   % row["worker_id"], None, now)
+                db.execute("UPDATE tasks SET expired_attempt = ? WHERE"
+                           " id = ? AND state = 'queued'",
+                           (attempt, row["id"]))
         return [(row["id"], row["job_id"], row["worker_id"])
                 for row in rows]
 
@@ -1612,6 +1621,7 @@ class Database:
                 attempt = secrets.token_hex(16)
                 db.execute(
                     "UPDATE tasks SET state = 'leased', attempt = ?,"
+                    " expired_attempt = NULL,"
                     " attempts = attempts + 1, worker_id = ?,"
                     " lease_until = ?, progress = 0, started = ?"
                     " WHERE id = ?",
@@ -1641,6 +1651,17 @@ class Database:
         if task is None:
             raise Conflict("task %s no longer exists (its job was "
                            "deleted)" % task_id)
+        if task["state"] == "queued" and attempt and \
+                task["expired_attempt"] == attempt:
+            # The lease ran out but no other attempt was issued, as when a
+            # worker kept its result through a long server outage. Taking
+            # the attempt back loses nothing and saves a render.
+            db.execute("UPDATE tasks SET state = 'leased', attempt = ?,"
+                       " expired_attempt = NULL, worker_id = failed_worker,"
+                       " lease_until = ? WHERE id = ?",
+                       (attempt, time.time() + self.lease_seconds, task_id))
+            task = db.execute("SELECT * FROM tasks WHERE id = ?",
+                              (task_id,)).fetchone()
         if task["state"] != "leased" or task["attempt"] != attempt:
             raise Conflict("attempt %s of task %s is no longer current; "
                            "the task was given to another attempt"
@@ -1791,6 +1812,7 @@ class Database:
 
     def _requeue(self, db, task):
         db.execute("UPDATE tasks SET state = 'queued', attempt = NULL,"
+                   " expired_attempt = NULL,"
                    " attempts = MAX(attempts - 1, 0), worker_id = NULL,"
                    " lease_until = NULL, progress = 0 WHERE id = ?",
                    (task["id"],))
@@ -1807,6 +1829,7 @@ class Database:
         failed = task["attempts"] >= job["max_attempts"]
         db.execute(
             "UPDATE tasks SET state = ?, attempt = NULL, lease_until = NULL,"
+            " expired_attempt = NULL,"
             " failed_worker = worker_id, worker_id = NULL, error = ?,"
             " log = COALESCE(?, log), progress = 0, finished = ?"
             " WHERE id = ?",
@@ -1881,7 +1904,8 @@ class Farm:
         self.tokens = load_or_create_tokens(self.data_dir)
         self.session = hmac.new(self.tokens["admin"].encode(), b"session",
                                 hashlib.sha256).hexdigest()
-        self.db = Database(self.path("httpov.sqlite3"), busy_seconds)
+        self.db = Database(self.path("httpov.sqlite3"), busy_seconds,
+                           lease_seconds)
         self.stopping = threading.Event()
 
     def path(self, *parts):
@@ -2312,6 +2336,9 @@ class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 resets connections when many
+    # workers reconnect at once, as after a restart.
+    request_queue_size = 128
 
     def __init__(self, address, farm):
         if ":" in address[0]:

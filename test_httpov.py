@@ -5,7 +5,7 @@ or Pillow skip without them, unless HTTPOV_CI=1 is set (as .ci/run
 does), which turns a missing tool into a failure.
 """
 
-import io
+import types
 import json
 import os
 import re
@@ -638,9 +638,22 @@ class StorageTest(unittest.TestCase):
     def test_stale_attempt_is_conflict(self):
         task, _ = self.db.claim_task(self.worker, 100.0, 10)
         self.db.expire_leases(200.0)
+        other = self.db.register_worker("w2", "", "h", 200.0)
+        again, _ = self.db.claim_task(other, 201.0, 10)
+        self.assertEqual(again["id"], task["id"])
         with self.assertRaises(httpov.Conflict):
             self.db.heartbeat(task["id"], task["attempt"], self.worker,
                               0.5, 201.0, 10)
+
+    def test_expired_attempt_taken_back(self):
+        task, _ = self.db.claim_task(self.worker, 100.0, 10)
+        self.db.expire_leases(200.0)
+        action = self.db.heartbeat(task["id"], task["attempt"],
+                                   self.worker, 0.5, 201.0, 10)
+        self.assertEqual(action, "continue")
+        stored = self.db.task(task["id"])
+        self.assertEqual(stored["state"], "leased")
+        self.assertEqual(stored["worker_id"], self.worker)
 
     def test_failed_task_avoids_its_worker(self):
         task, _ = self.db.claim_task(self.worker, 100.0, 10)
@@ -810,7 +823,9 @@ class ServerProcess:
         match = re.search(r"port (\d+)", first_line)
         if not match:
             self.process.kill()
-            raise RuntimeError("serve did not start: %r" % first_line)
+            self.process.wait()
+            raise RuntimeError("serve did not start on port %d: %r (see %s)"
+                               % (port, first_line, self.log_path))
         self.port = int(match.group(1))
         self.url = "http://127.0.0.1:%d/" % self.port
         with open(os.path.join(data_dir, "tokens.json")) as source:
@@ -823,13 +838,19 @@ class ServerProcess:
     def client(self):
         return httpov.ApiClient(self.url, self.admin)
 
+    def kill(self):
+        """Stop the server with SIGKILL, as a crash would."""
+        self.process.kill()
+        self.process.wait()
+
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.process.stdout.close()
 
 
@@ -1281,7 +1302,7 @@ class FailureTest(unittest.TestCase):
                                             "httpov.sqlite3"),
                                isolation_level=None)
         lock.execute("BEGIN IMMEDIATE")
-        client, worker_id = None, None
+        client = None
         try:
             client = httpov.ApiClient(self.server.url, self.server.worker)
             with self.assertRaises(httpov.ApiError) as caught:
@@ -1572,6 +1593,928 @@ class RenderCommandTest(unittest.TestCase):
         result = run_cli("render", "/nonexistent/scene.pov")
         self.assertEqual(result.returncode, 1)
         self.assertIn("no such file", result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Failure injection: killed and stopped workers, a killed server, lost
+# responses, outages, concurrent claims, pause and cancel mid-task
+# ---------------------------------------------------------------------------
+
+LEASE_SECONDS = 4
+SCENE_FILE = "spin.pov"
+
+# Render times of SPHERE_SCENE with one POV-Ray thread, measured with
+# POV-Ray 3.7.0.10 on a 2-core machine: QUICK about 0.7 s a frame, MEDIUM
+# about 2.3 s and LONG about 4.2 s. MEDIUM and LONG run long enough to
+# inject a fault while POV-Ray is still rendering.
+QUICK_OPTIONS = ["+W160", "+H120"]
+MEDIUM_OPTIONS = ["+W320", "+H240", "+A0.0", "+R9"]
+LONG_OPTIONS = ["+W480", "+H360", "+A0.0", "+R9"]
+
+DELIVERY_FAILED = "delivery failed"
+# The last line that a worker logs for an attempt that lost its lease:
+# its upload got 409, or a heartbeat got 409 and the task was abandoned.
+LATE_ATTEMPT_REJECTED = re.compile(
+    r"result rejected \(HTTP 409\)|: abandoned \(server: attempt \w+ of "
+    r"task \d+ is no longer current")
+
+
+# ---------------------------------------------------------------------------
+# Helpers: processes, servers on a fixed port, a response-losing proxy
+# ---------------------------------------------------------------------------
+
+def read_process_stat(pid):
+    """Return (state, parent pid) of a process from /proc, or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as source:
+            stat_line = source.read()
+    except OSError:
+        return None
+    fields = stat_line.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def process_alive(pid):
+    stat = read_process_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def child_processes(parent_pid, marker):
+    """Return the pids of live children of a process whose command line
+    contains ``marker``.
+
+    A worker starts POV-Ray as its child in a new session and passes it
+    output paths inside its --workdir, so the workdir finds exactly the
+    POV-Ray processes of one worker.
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = read_process_stat(int(entry))
+        if stat is None or stat[0] == "Z" or stat[1] != parent_pid:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as source:
+                command_line = source.read()
+        except OSError:
+            continue
+        if marker.encode() in command_line:
+            pids.append(int(entry))
+    return pids
+
+
+def signal_pids(pids, number):
+    for pid in pids:
+        try:
+            os.kill(pid, number)
+        except ProcessLookupError:
+            pass
+
+
+class StatusRecordingClient(httpov.ApiClient):
+    """An ApiClient that records the HTTP status of every response."""
+
+    def __init__(self, url, token):
+        httpov.ApiClient.__init__(self, url, token)
+        self.statuses = []
+
+    def connect(self):
+        connection = httpov.ApiClient.connect(self)
+        if not getattr(connection, "records_statuses", False):
+            get_response = connection.getresponse
+
+            def recording_get_response():
+                response = get_response()
+                self.statuses.append(response.status)
+                return response
+
+            connection.getresponse = recording_get_response
+            connection.records_statuses = True
+        return connection
+
+
+def read_http_message(reader):
+    """Read one HTTP/1.1 request or response with a Content-Length body.
+
+    Returns (head bytes, body bytes), or None at a clean end of stream.
+    Every request that ApiClient sends and every response of the httpov
+    server has a Content-Length, so chunked bodies are not handled.
+    """
+    head = reader.readline(65537)
+    if not head:
+        return None
+    length = 0
+    while True:
+        line = reader.readline(65537)
+        if not line:
+            raise ConnectionError("connection closed inside an HTTP head")
+        head += line
+        if line in (b"\r\n", b"\n"):
+            break
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    body = reader.read(length) if length else b""
+    if len(body) < length:
+        raise ConnectionError("connection closed after %d of %d body bytes"
+                              % (len(body), length))
+    return head, body
+
+
+class ResponseLosingProxy:
+    """A loopback HTTP forwarder that loses one response.
+
+    Every request goes to the server on its own upstream connection. For
+    the first ``POST /api/tasks/<id>/result`` the proxy reads the server's
+    whole response and then closes the client's connection without
+    sending it, as when a network drops the response to a delivered result.
+    Each result exchange is recorded as (path, status, JSON body).
+    """
+
+    RESULT_PATH = re.compile(r"^/api/tasks/\d+/result\?")
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d/" % self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.result_exchanges = []
+        self.lost_one = False
+        self.connections = []
+        self.closed = False
+        threading.Thread(target=self.accept_connections, daemon=True).start()
+
+    def accept_connections(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self.closed:
+                    connection.close()
+                    return
+                self.connections.append(connection)
+            threading.Thread(target=self.forward, args=(connection,),
+                             daemon=True).start()
+
+    def forward(self, connection):
+        reader = connection.makefile("rb")
+        try:
+            while True:
+                request = read_http_message(reader)
+                if request is None:
+                    return
+                head, body = request
+                method, path = head.decode("latin-1").split(" ")[:2]
+                response_head, response_body = self.exchange(head + body)
+                if method == "POST" and self.RESULT_PATH.match(path):
+                    status = int(response_head.split(b" ", 2)[1])
+                    with self.lock:
+                        self.result_exchanges.append(
+                            (path, status, json.loads(response_body)))
+                        lose = not self.lost_one
+                        self.lost_one = True
+                    if lose:
+                        return
+                connection.sendall(response_head + response_body)
+                if b"\r\nconnection: close" in response_head.lower():
+                    return
+        except (OSError, ValueError):
+            return
+        finally:
+            reader.close()
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+
+    def exchange(self, request):
+        upstream = socket.create_connection(("127.0.0.1",
+                                             self.upstream_port), timeout=60)
+        with upstream, upstream.makefile("rb") as reader:
+            upstream.sendall(request)
+            response = read_http_message(reader)
+        if response is None:
+            raise ConnectionError("the server closed without a response")
+        return response
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            connections = list(self.connections)
+        self.listener.close()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+
+
+# ---------------------------------------------------------------------------
+# The shared test fixture
+# ---------------------------------------------------------------------------
+
+class FaultTestCase(unittest.TestCase):
+    """A fixture that starts servers and workers and stops them all
+    after each test, also when the test fails."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="httpov-fault-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.scene_dir = os.path.join(self.folder, "scene")
+        os.makedirs(self.scene_dir)
+        with open(os.path.join(self.scene_dir, SCENE_FILE), "wb") as out:
+            out.write(SPHERE_SCENE)
+        self.data_dir = os.path.join(self.folder, "data")
+        self.server = None
+        self.client = None
+
+    def start_server(self, lease=LEASE_SECONDS, port=0):
+        """Start (or restart, with the old port) the server on the data
+        folder of this test, and point self.client at it."""
+        server = ServerProcess(self.data_dir, lease, port=port)
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.addCleanup(client.close)
+        self.server, self.client = server, client
+        return server
+
+    def start_worker(self, name, url=None):
+        """Start a ``work`` subprocess with one thread.
+
+        A ``url`` other than the server's sends the worker's traffic
+        elsewhere, as through a proxy.
+        """
+        target = self.server
+        if url is not None:
+            target = types.SimpleNamespace(url=url, worker=self.server.worker)
+        worker = start_worker(target, self.folder, name)
+        self.addCleanup(self.kill_worker, worker, name)
+        return worker
+
+    def workdir(self, name):
+        return os.path.join(self.folder, name)
+
+    def povray_pids(self, worker, name):
+        return child_processes(worker.pid, self.workdir(name) + os.sep)
+
+    def wait_for_povray(self, worker, name, timeout=30):
+        """Wait until a worker runs POV-Ray; return POV-Ray's pids."""
+        return self.wait_for(lambda: self.povray_pids(worker, name), timeout,
+                             "worker %s started no POV-Ray" % name)
+
+    def kill_worker(self, worker, name):
+        """Kill a worker and its POV-Ray with SIGKILL, stopped or not."""
+        povray = self.povray_pids(worker, name)
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+        signal_pids(povray, signal.SIGKILL)
+
+    def worker_log(self, name):
+        with open(os.path.join(self.folder, name + ".log"),
+                  errors="replace") as source:
+            return source.read()
+
+    def wait_for(self, condition, timeout, message, interval=0.1):
+        """Poll ``condition`` until it returns a true value; return it."""
+        deadline = time.time() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.time() > deadline:
+                self.fail("%s (waited %.0f s)" % (message, timeout))
+            time.sleep(interval)
+
+    def wait_for_log(self, name, pattern, timeout, count=1):
+        """Wait until a worker's log matches ``pattern`` ``count`` times."""
+        regex = re.compile(pattern)
+        return self.wait_for(
+            lambda: len(regex.findall(self.worker_log(name))) >= count,
+            timeout, "worker %s never logged %r %d times; its log:\n%s"
+            % (name, pattern, count, self.worker_log(name)[-3000:]))
+
+    # -- the API ------------------------------------------------------------
+
+    def submit(self, povray_options, name="spin"):
+        job = httpov.submit_job(
+            self.client, os.path.join(self.scene_dir, SCENE_FILE),
+            {"name": name}, povray_options)
+        return job["id"]
+
+    def job(self, job_id):
+        return self.client.call("GET", "/api/jobs/%d" % job_id)
+
+    def tasks(self, job_id):
+        return self.client.call("GET", "/api/jobs/%d/tasks"
+                                % job_id)["tasks"]
+
+    def workers_by_name(self):
+        return {worker["name"]: worker for worker in
+                self.client.call("GET", "/api/workers")["workers"]}
+
+    def control(self, job_id, action):
+        return self.client.call("POST", "/api/jobs/%d/%s" % (job_id, action))
+
+    def wait_until_requeued(self, job_id, timeout=LEASE_SECONDS + 8):
+        """Wait until a one-task job's task is queued again; return it."""
+        def requeued():
+            task = self.tasks(job_id)[0]
+            return task if task["state"] == "queued" else None
+        return self.wait_for(requeued, timeout,
+                             "the lease of job %d's task never ran out"
+                             % job_id, interval=0.2)
+
+    # -- images -------------------------------------------------------------
+
+    def reference_frame(self, povray_options, frame):
+        """Render one frame directly with POV-Ray; return the PNG's path."""
+        folder = tempfile.mkdtemp(prefix="reference-", dir=self.folder)
+        frame_options = []
+        if any(option.upper().startswith("+KFF")
+               for option in povray_options):
+            frame_options = ["+SF%d" % frame, "+EF%d" % frame]
+        render_plain(self.scene_dir, os.path.join(folder, "reference"),
+                     "+I" + SCENE_FILE, *(list(povray_options) +
+                                          frame_options))
+        names = os.listdir(folder)
+        self.assertEqual(len(names), 1, "reference render wrote %s" % names)
+        return os.path.join(folder, names[0])
+
+    def assert_frame_matches_reference(self, job_id, frame, povray_options):
+        """Fetch a finished frame over the API and compare its pixels
+        with a direct POV-Ray render of the same frame."""
+        actual = os.path.join(self.folder, "job%d-frame%d.png"
+                              % (job_id, frame))
+        self.client.download("/api/jobs/%d/frames/%d.png" % (job_id, frame),
+                             actual)
+        expected = self.reference_frame(povray_options, frame)
+        actual_info, actual_rows = decode_rows(actual)
+        expected_info, expected_rows = decode_rows(expected)
+        self.assertEqual((actual_info.width, actual_info.height),
+                         (expected_info.width, expected_info.height))
+        if actual_rows != expected_rows:
+            differing = sum(1 for a, b in zip(actual_rows, expected_rows)
+                            if a != b)
+            self.fail("frame %d of job %d differs from a direct POV-Ray "
+                      "render in %d of %d bytes"
+                      % (frame, job_id, differing, len(expected_rows)))
+
+
+class PovrayTestCase(FaultTestCase):
+
+    def setUp(self):
+        self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
+        FaultTestCase.setUp(self)
+
+
+# ---------------------------------------------------------------------------
+# 1.-2. A worker dies or stops in the middle of a render
+# ---------------------------------------------------------------------------
+
+@needs_povray
+class WorkerFaultTest(PovrayTestCase):
+
+    def test_killed_worker_task_leased_again(self):
+        self.start_server()
+        job_id = self.submit(LONG_OPTIONS)
+        alpha = self.start_worker("alpha")
+        povray = self.wait_for_povray(alpha, "alpha")
+        time.sleep(1.0)
+        self.assertEqual(self.tasks(job_id)[0]["state"], "leased")
+        self.assertTrue(all(process_alive(pid) for pid in povray),
+                        "POV-Ray ended before the kill; use a longer task")
+
+        # Kill the worker first, because a live worker would report POV-Ray's
+        # death as a failed attempt, which requeues the task at once.
+        alpha.kill()
+        alpha.wait()
+        signal_pids(povray, signal.SIGKILL)
+        self.wait_for(lambda: not any(process_alive(pid) for pid in povray),
+                      5, "POV-Ray survived SIGKILL")
+
+        # The last heartbeat came at most 1.2 * lease / 4 = 1.2 s before
+        # the kill, so the lease runs at least 2.8 s past it.
+        time.sleep(1.5)
+        self.assertEqual(self.tasks(job_id)[0]["state"], "leased",
+                         "the task was requeued before its lease ran out")
+        requeued = self.wait_until_requeued(job_id)
+        self.assertIn("lease expired", requeued["error"] or "")
+        self.assertEqual(requeued["attempts"], 1)
+
+        self.start_worker("bravo")
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+        task = self.tasks(job_id)[0]
+        self.assertEqual(task["state"], "done")
+        self.assertEqual(task["attempts"], 2)
+        workers = self.workers_by_name()
+        self.assertEqual(task["worker_id"], workers["bravo"]["id"])
+        self.assertEqual(workers["bravo"]["tasks_done"], 1)
+        self.assertEqual(workers["alpha"]["tasks_done"], 0)
+        self.assert_frame_matches_reference(job_id, 0, LONG_OPTIONS)
+
+    def test_stopped_worker_late_result_rejected(self):
+        self.start_server()
+        job_id = self.submit(LONG_OPTIONS)
+        alpha = self.start_worker("alpha")
+        povray = self.wait_for_povray(alpha, "alpha")
+        time.sleep(1.0)
+        os.kill(alpha.pid, signal.SIGSTOP)
+        signal_pids(povray, signal.SIGSTOP)
+        self.assertEqual(self.tasks(job_id)[0]["state"], "leased")
+
+        self.wait_until_requeued(job_id)
+        self.start_worker("bravo")
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+        frame_path = os.path.join(self.data_dir, "frames", str(job_id),
+                                  "0.png")
+        with open(frame_path, "rb") as source:
+            accepted_bytes = source.read()
+        accepted_stat = os.stat(frame_path)
+
+        # POV-Ray resumes alone and finishes (its output fits in the pipe
+        # buffer), so the worker wakes up with a finished image and then
+        # uploads it late. If the worker's heartbeat thread runs first, the
+        # heartbeat gets the 409 and the upload is skipped. The server must
+        # reject the attempt either way.
+        signal_pids(povray, signal.SIGCONT)
+        self.wait_for(lambda: not any(process_alive(pid) for pid in povray),
+                      30, "POV-Ray did not finish after SIGCONT")
+        os.kill(alpha.pid, signal.SIGCONT)
+        self.wait_for_log("alpha", LATE_ATTEMPT_REJECTED.pattern, 30)
+        self.wait_for(lambda: not self.povray_pids(alpha, "alpha") and
+                      not os.listdir(os.path.join(self.workdir("alpha"),
+                                                  "outbox")), 15,
+                      "worker alpha kept POV-Ray or its late result")
+        self.assertNotIn("result delivered", self.worker_log("alpha"))
+
+        with open(frame_path, "rb") as source:
+            self.assertEqual(source.read(), accepted_bytes,
+                             "the accepted frame was overwritten")
+        final_stat = os.stat(frame_path)
+        self.assertEqual((final_stat.st_ino, final_stat.st_mtime_ns),
+                         (accepted_stat.st_ino, accepted_stat.st_mtime_ns),
+                         "the accepted frame file was replaced")
+        tasks = self.tasks(job_id)
+        self.assertEqual(len(tasks), 1)
+        self.assertEqual(tasks[0]["state"], "done")
+        self.assertEqual(tasks[0]["attempts"], 2)
+        workers = self.workers_by_name()
+        self.assertEqual(tasks[0]["worker_id"], workers["bravo"]["id"])
+        self.assertEqual(workers["bravo"]["tasks_done"], 1)
+        self.assertEqual(workers["alpha"]["tasks_done"], 0,
+                         "the late result was counted as done")
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["frames_done"]), ("done", 1))
+        self.assert_frame_matches_reference(job_id, 0, LONG_OPTIONS)
+
+
+# ---------------------------------------------------------------------------
+# 3. The server dies with kill -9 and comes back
+# ---------------------------------------------------------------------------
+
+@needs_povray
+class ServerCrashTest(PovrayTestCase):
+
+    def test_killed_server_restarted_job_completes(self):
+        options = MEDIUM_OPTIONS + ["+KFF6"]
+        server = self.start_server()
+        job_id = self.submit(options)
+        alpha = self.start_worker("alpha")
+        bravo = self.start_worker("bravo")
+
+        def mid_job():
+            job = self.job(job_id)
+            tasks = self.tasks(job_id)
+            running = [task for task in tasks if task["state"] == "leased"
+                       and task["progress"] > 0]
+            return running if job["tasks_done"] >= 1 and running else None
+
+        in_flight = self.wait_for(mid_job, 60, "job %d never had a task "
+                                  "done and another rendering" % job_id)
+        server.kill()
+        # A short outage: each kept result is retried within the lease
+        # grace that the restarted server grants (see ServerOutageTest).
+        time.sleep(1.0)
+        self.start_server(port=server.port)
+        job = wait_for_job(self.client, job_id, 90)
+        self.assertEqual(job["state"], "done", job["error"])
+
+        self.assertIsNone(alpha.poll(), "worker alpha exited")
+        self.assertIsNone(bravo.poll(), "worker bravo exited")
+        tasks = self.tasks(job_id)
+        self.assertEqual([task["state"] for task in tasks], ["done"] * 6)
+        attempts = {task["id"]: task["attempts"] for task in tasks}
+        for task in in_flight:
+            self.assertEqual(attempts[task["id"]], 1,
+                             "task %d, rendering during the crash, was "
+                             "leased again" % task["id"])
+        registered = self.client.call("GET", "/api/workers")["workers"]
+        self.assertEqual(sorted(worker["name"] for worker in registered),
+                         ["alpha", "bravo"],
+                         "a worker registered again after the restart")
+        workers = self.workers_by_name()
+        self.assertEqual(sum(worker["tasks_done"]
+                             for worker in workers.values()), 6,
+                         "results accepted: %s" % {
+                             name: worker["tasks_done"]
+                             for name, worker in workers.items()})
+        self.assertEqual(job["frames_done"], 6)
+        self.assert_frame_matches_reference(
+            job_id, in_flight[0]["frame_first"], options)
+
+
+# ---------------------------------------------------------------------------
+# 4. The response to a delivered result is lost
+# ---------------------------------------------------------------------------
+
+@needs_povray
+class LostResponseTest(PovrayTestCase):
+
+    def test_lost_result_response_retried(self):
+        self.start_server()
+        proxy = ResponseLosingProxy(self.server.port)
+        self.addCleanup(proxy.close)
+        job_id = self.submit(QUICK_OPTIONS)
+        self.start_worker("alpha", url=proxy.url)
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+        # The first upload already finished the job; the retry follows.
+        self.wait_for_log("alpha", "result delivered", 15)
+
+        exchanges = proxy.result_exchanges
+        self.assertEqual(len(exchanges), 2,
+                         "result uploads through the proxy: %s" % exchanges)
+        (first_path, first_status, first_body), \
+            (second_path, second_status, second_body) = exchanges
+        self.assertEqual(second_path, first_path,
+                         "the retry names another task or attempt")
+        self.assertEqual(first_status, 200)
+        self.assertEqual(first_body, {"status": "accepted",
+                                      "duplicate": False})
+        self.assertEqual(second_status, 200)
+        self.assertEqual(second_body, {"status": "accepted",
+                                       "duplicate": True})
+
+        log_text = self.worker_log("alpha")
+        self.assertEqual(log_text.count(DELIVERY_FAILED), 1, log_text)
+        self.assertIn("result delivered", log_text)
+        tasks = self.tasks(job_id)
+        self.assertEqual(len(tasks), 1)
+        self.assertEqual((tasks[0]["state"], tasks[0]["attempts"]),
+                         ("done", 1))
+        self.assertEqual(self.workers_by_name()["alpha"]["tasks_done"], 1,
+                         "the duplicate was counted as a second result")
+        self.assert_frame_matches_reference(job_id, 0, QUICK_OPTIONS)
+
+
+# ---------------------------------------------------------------------------
+# 5. The server is unreachable while a finished result waits
+# ---------------------------------------------------------------------------
+
+@needs_povray
+class ServerOutageTest(PovrayTestCase):
+
+    def render_through_outage(self, lease, failures):
+        """Stop the server while a worker renders and restart it once the
+        worker has failed ``failures`` times to deliver the result.
+
+        Waits for the job and returns (job id, job).
+        """
+        server = self.start_server(lease=lease)
+        job_id = self.submit(MEDIUM_OPTIONS)
+        alpha = self.start_worker("alpha")
+        self.wait_for_povray(alpha, "alpha")
+        time.sleep(0.5)
+        server.stop()
+        self.wait_for_log("alpha", DELIVERY_FAILED, 30, count=failures)
+        self.assertIn("result kept, retrying", self.worker_log("alpha"))
+        self.start_server(lease=lease, port=server.port)
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+        self.assertIsNone(alpha.poll(), "worker alpha exited")
+        self.assert_frame_matches_reference(job_id, 0, MEDIUM_OPTIONS)
+        return job_id, job
+
+    def test_kept_result_delivered_after_outage(self):
+        # After three failed deliveries the worker waits 3-5 s, and the
+        # restarted server grants one lease (6 s here) to running leases.
+        job_id, _ = self.render_through_outage(lease=6, failures=3)
+        log_text = self.worker_log("alpha")
+        self.assertIn("result delivered", log_text)
+        self.assertNotIn("result rejected", log_text)
+        tasks = self.tasks(job_id)
+        self.assertEqual((tasks[0]["state"], tasks[0]["attempts"]),
+                         ("done", 1), "the kept result was not the one "
+                         "accepted")
+
+    def test_kept_result_survives_long_outage(self):
+        # After four failed deliveries the worker waits 6-10 s before the
+        # next try, longer than the 4 s lease, and a result in the outbox
+        # sends no heartbeats. The lease runs out first, but as no other
+        # attempt was issued, the server must still accept the result.
+        job_id, _ = self.render_through_outage(lease=LEASE_SECONDS,
+                                               failures=4)
+        log_text = self.worker_log("alpha")
+        rejected = [line for line in log_text.splitlines()
+                    if "result rejected" in line]
+        self.assertEqual(rejected, [], "the result kept through the outage "
+                         "was rejected after the server came back")
+        tasks = self.tasks(job_id)
+        self.assertEqual(tasks[0]["attempts"], 1,
+                         "the task was rendered again after the outage")
+
+
+# ---------------------------------------------------------------------------
+# 6. 100 simulated workers claim at once
+# ---------------------------------------------------------------------------
+
+class ConcurrentClaimTest(FaultTestCase):
+
+    WORKERS = 100
+    TASKS = 300
+
+    def claim_until_empty(self, number, barrier, results):
+        """Register and claim tasks until the server has none left."""
+        client = StatusRecordingClient(self.server.url, self.server.worker)
+        claimed = []
+        outcome = "deadline"
+        try:
+            barrier.wait(30)
+            worker_id = self.call_retrying(
+                client, "/api/workers", {"name": "sim-%d" % number})["worker"]
+            deadline = time.time() + 90
+            while time.time() < deadline:
+                claim_response = self.call_retrying(
+                    client, "/api/claim", {"worker": worker_id})
+                if claim_response["task"] is None:
+                    outcome = "empty"
+                    break
+                claimed.append((claim_response["task"]["id"],
+                                claim_response["task"]["attempt"]))
+        except Exception as error:
+            outcome = "error: %r" % error
+        finally:
+            client.close()
+            results[number] = (claimed, client.statuses, outcome)
+
+    @staticmethod
+    def call_retrying(client, path, value):
+        """POST JSON, retrying 503 responses and connection errors as
+        Worker.call does, but with short waits.
+
+        A connection error is recorded as the status "unreachable".
+        """
+        for _ in range(50):
+            try:
+                return client.call("POST", path, value)
+            except httpov.ServerUnreachable:
+                client.statuses.append("unreachable")
+                time.sleep(0.2)
+            except httpov.ApiError as error:
+                if error.status != 503:
+                    raise
+                time.sleep(error.retry_after or 0.5)
+        raise AssertionError("no response to %s after 50 tries" % path)
+
+    def test_hundred_workers_claim_each_task_once(self):
+        # Leases outlast the test, so no task is legitimately leased twice.
+        self.start_server(lease=300)
+        job_id = self.submit(QUICK_OPTIONS + ["+KFF%d" % self.TASKS])
+        task_ids = [task["id"] for task in self.tasks(job_id)]
+        self.assertEqual(len(task_ids), self.TASKS)
+
+        barrier = threading.Barrier(self.WORKERS)
+        results = {}
+        threads = [threading.Thread(target=self.claim_until_empty,
+                                    args=(number, barrier, results),
+                                    daemon=True)
+                   for number in range(self.WORKERS)]
+        for thread in threads:
+            thread.start()
+        deadline = time.time() + 150
+        for thread in threads:
+            thread.join(max(deadline - time.time(), 0))
+        self.assertEqual(len(results), self.WORKERS,
+                         "threads still running after 150 s")
+
+        outcomes = {number: result[2] for number, result in results.items()
+                    if result[2] != "empty"}
+        self.assertEqual(outcomes, {}, "threads that did not end with "
+                         "{\"task\": null}")
+        statuses = [status for result in results.values()
+                    for status in result[1]]
+        counts = {status: statuses.count(status) for status in set(statuses)}
+        self.assertNotIn(500, counts, "status counts: %s" % counts)
+        self.assertLessEqual(set(counts), {200, 201, 503, "unreachable"},
+                             "status counts: %s" % counts)
+        claimed = [task_id for result in results.values()
+                   for task_id, _ in result[0]]
+        twice = sorted(set(task_id for task_id in claimed
+                           if claimed.count(task_id) > 1))
+        self.assertEqual(twice, [], "tasks leased more than once")
+        self.assertEqual(sorted(claimed), sorted(task_ids),
+                         "claimed tasks differ from the job's tasks")
+        tasks = self.tasks(job_id)
+        self.assertEqual({(task["state"], task["attempts"])
+                          for task in tasks}, {("leased", 1)})
+
+    def test_hundred_workers_connect_without_reset(self):
+        # Workers that connect at the same moment, as after a server
+        # restart, must all be served. With socketserver's default listen
+        # backlog of 5, Linux resets the connections beyond it.
+        self.start_server()
+        barrier = threading.Barrier(self.WORKERS)
+        errors = []
+
+        def register(number):
+            client = httpov.ApiClient(self.server.url, self.server.worker)
+            try:
+                barrier.wait(30)
+                client.call("POST", "/api/workers",
+                            {"name": "sim-%d" % number})
+            except (httpov.ServerUnreachable, httpov.ApiError) as error:
+                errors.append(str(error))
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=register, args=(number,),
+                                    daemon=True)
+                   for number in range(self.WORKERS)]
+        for thread in threads:
+            thread.start()
+        deadline = time.time() + 60
+        for thread in threads:
+            thread.join(max(deadline - time.time(), 0))
+        self.assertEqual(len(self.workers_by_name()) + len(errors),
+                         self.WORKERS)
+        self.assertEqual(len(errors), 0, "%d of %d simultaneous "
+                         "registrations failed, the first with: %s"
+                         % (len(errors), self.WORKERS, errors[:1]))
+
+
+# ---------------------------------------------------------------------------
+# 7. Pause and cancel while a task renders or uploads
+# ---------------------------------------------------------------------------
+
+@needs_povray
+class JobControlTest(PovrayTestCase):
+
+    def test_pause_lets_running_task_finish(self):
+        options = MEDIUM_OPTIONS + ["+KFF3"]
+        self.start_server()
+        job_id = self.submit(options)
+        alpha = self.start_worker("alpha")
+        self.wait_for_povray(alpha, "alpha")
+        time.sleep(0.5)
+        self.assertEqual(self.control(job_id, "pause")["state"], "paused")
+
+        def first_task_done():
+            return self.tasks(job_id)[0]["state"] == "done"
+
+        self.wait_for(first_task_done, 20, "the task running when the job "
+                      "was paused was not accepted")
+        self.assertNotIn("stopping POV-Ray", self.worker_log("alpha"))
+        watch_until = time.time() + 4
+        while time.time() < watch_until:
+            tasks = self.tasks(job_id)
+            self.assertEqual([task["state"] for task in tasks],
+                             ["done", "queued", "queued"],
+                             "a task was claimed while the job was paused")
+            self.assertEqual(sum(task["attempts"] for task in tasks), 1)
+            self.assertEqual(self.job(job_id)["state"], "paused")
+            time.sleep(0.25)
+
+        self.assertEqual(self.control(job_id, "resume")["state"], "running")
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+        tasks = self.tasks(job_id)
+        self.assertEqual([(task["state"], task["attempts"])
+                          for task in tasks], [("done", 1)] * 3)
+        self.assert_frame_matches_reference(job_id, 1, options)
+
+    def test_cancel_stops_povray(self):
+        self.start_server()
+        job_id = self.submit(LONG_OPTIONS + ["+KFF2"])
+        alpha = self.start_worker("alpha")
+        povray = self.wait_for_povray(alpha, "alpha")
+        time.sleep(0.5)
+        self.assertEqual(self.control(job_id, "cancel")["state"],
+                         "cancelled")
+        cancelled_at = time.time()
+        self.wait_for_log("alpha", "stopping POV-Ray: the job was cancelled",
+                          5)
+        self.wait_for(lambda: not any(process_alive(pid) for pid in povray),
+                      10, "POV-Ray still runs after the cancel")
+        # Uninterrupted, the render would take about 3.5 s more.
+        self.assertLess(time.time() - cancelled_at, 2.5,
+                        "POV-Ray was not stopped at the next heartbeat")
+
+        # Hold on past the lease, when the abandoned task's lease expires.
+        watch_until = time.time() + LEASE_SECONDS + 3
+        while time.time() < watch_until:
+            job = self.job(job_id)
+            self.assertEqual(job["state"], "cancelled")
+            self.assertEqual(job["frames_done"], 0)
+            self.assertEqual(job["tasks_done"], 0)
+            time.sleep(0.25)
+        tasks = self.tasks(job_id)
+        self.assertEqual(tasks[1]["attempts"], 0,
+                         "a task of the cancelled job was claimed")
+        log_text = self.worker_log("alpha")
+        self.assertNotIn("result delivered", log_text)
+        self.assertNotIn(": rendered", log_text)
+        self.assertIn("abandoned (the job was cancelled)", log_text)
+        frames = os.path.join(self.data_dir, "frames", str(job_id))
+        self.assertEqual(os.listdir(frames) if os.path.isdir(frames) else [],
+                         [])
+        with self.assertRaises(httpov.ApiError) as caught:
+            self.client.download("/api/jobs/%d/frames/1.png" % job_id,
+                                 os.path.join(self.folder, "none.png"))
+        self.assertEqual(caught.exception.status, 404)
+
+    def claim_and_pack(self, client, worker_id, options):
+        """Claim a task over the API and render its result zip directly."""
+        task = client.call("POST", "/api/claim", {"worker": worker_id})["task"]
+        self.assertIsNotNone(task, "no task to claim")
+        frame = task["frame_first"]
+        png = self.reference_frame(options, frame)
+        result = os.path.join(self.folder, "result-%d.zip" % task["id"])
+        with zipfile.ZipFile(result, "w") as archive:
+            archive.write(png, "frames/%d.png" % frame)
+            archive.writestr("log.txt", "rendered by the test\n")
+        return task, result
+
+    def result_path(self, task):
+        return "/api/tasks/%d/result?attempt=%s" % (task["id"],
+                                                    task["attempt"])
+
+    def register(self, client, name):
+        return client.call("POST", "/api/workers", {"name": name})["worker"]
+
+    def test_cancel_during_upload_rejected(self):
+        self.start_server()
+        job_id = self.submit(QUICK_OPTIONS)
+        client = StatusRecordingClient(self.server.url, self.server.worker)
+        self.addCleanup(client.close)
+        worker_id = self.register(client, "api")
+        task, result = self.claim_and_pack(client, worker_id, QUICK_OPTIONS)
+        self.assertEqual(self.control(job_id, "cancel")["state"],
+                         "cancelled")
+        with self.assertRaises(httpov.ApiError) as caught:
+            client.upload(self.result_path(task), result)
+        self.assertEqual(caught.exception.status, 409,
+                         caught.exception.message)
+        self.assertIn("cancelled", caught.exception.message)
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["frames_done"],
+                          job["tasks_done"]), ("cancelled", 0, 0))
+        self.assertNotEqual(self.tasks(job_id)[0]["state"], "done")
+        frames = os.path.join(self.data_dir, "frames", str(job_id))
+        self.assertEqual(os.listdir(frames) if os.path.isdir(frames) else [],
+                         [])
+
+    def test_pause_during_upload_accepted(self):
+        options = QUICK_OPTIONS + ["+KFF2"]
+        self.start_server()
+        job_id = self.submit(options)
+        client = StatusRecordingClient(self.server.url, self.server.worker)
+        self.addCleanup(client.close)
+        worker_id = self.register(client, "api")
+        task, result = self.claim_and_pack(client, worker_id, options)
+        self.assertEqual(self.control(job_id, "pause")["state"], "paused")
+        upload_response = client.upload(self.result_path(task), result)
+        self.assertEqual(client.statuses[-1], 200)
+        self.assertEqual(upload_response,
+                         {"status": "accepted", "duplicate": False})
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["frames_done"]), ("paused", 1))
+        self.assertIsNone(client.call("POST", "/api/claim",
+                                      {"worker": worker_id})["task"],
+                          "a task was handed out while the job was paused")
+
+        self.assertEqual(self.control(job_id, "resume")["state"], "running")
+        second, result = self.claim_and_pack(client, worker_id, options)
+        self.assertEqual(client.upload(self.result_path(second), result),
+                         {"status": "accepted", "duplicate": False})
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["frames_done"]), ("done", 2))
+        self.assert_frame_matches_reference(job_id, task["frame_first"],
+                                            options)
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 if __name__ == "__main__":
