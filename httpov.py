@@ -59,6 +59,7 @@ import collections
 import hashlib
 import hmac
 import html
+import http
 import http.client
 import http.server
 import io
@@ -72,6 +73,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import stat
 import struct
 import subprocess
@@ -104,19 +106,33 @@ SQLITE_BUSY_SECONDS = 10.0        # wait for a database lock, then 503
 WORKER_JOB_FAILURE_LIMIT = 3      # failed tasks before a worker is kept
 WORKER_JOB_COOLDOWN_SECONDS = 600  # ... away from that job this long
 DEFAULT_STALL_SECONDS = 600       # no POV-Ray output this long: stop it
+DEFAULT_MAX_TASK_SECONDS = 86400  # wall-clock limit of one task
+DEFAULT_MEMORY_MIB = 4096         # address space of POV-Ray; 256 MiB
+                                  # already broke normal scenes
+MEMORY_MIB_PER_THREAD = 128       # ... plus this per render thread
+MAX_RENDER_FILE_BYTES = 8 << 30   # largest file POV-Ray may write
+MAX_RENDER_OPEN_FILES = 256
+MAX_RENDER_PROCESSES = 1024       # processes and threads of the user
 
 MAX_JOB_BYTES = 1 << 30           # 1 GiB: one uploaded job archive
 MAX_RESULT_BYTES = 2 << 30        # 2 GiB: one task's result upload
 MAX_JSON_BYTES = 1 << 20          # 1 MiB: any JSON request body
 MAX_UNPACKED_BYTES = 4 << 30      # 4 GiB: a job archive once unpacked
+UNPACKED_PER_JOB_BYTE = 4         # server: unpacked limit per upload byte
 MAX_ARCHIVE_FILES = 10000         # files in one job archive
 MAX_COMPRESSION_RATIO = 200       # unpacked/packed size that means a bomb
 MAX_IMAGE_SIDE = 32768            # pixels: width or height of a frame
+MAX_PIXELS = 1 << 28              # pixels in one frame (16384 x 16384)
 MAX_FRAMES = 1000000              # frames in one job
 MAX_TASKS = 2000000               # tasks in one job
 MAX_LOG_BYTES = 64 * 1024         # tail of POV-Ray's output kept per task
 MAX_POVRAY_OPTIONS = 100          # POV-Ray options given at submit
 HTTP_TIMEOUT_SECONDS = 60         # socket timeout of server and client
+HEADER_TIMEOUT_SECONDS = 20       # request line and headers, and idle
+                                  # keep-alive connections
+MIN_UPLOAD_BYTES_PER_SECOND = 64 * 1024  # slower bodies are cut off
+MAX_HEADER_BYTES = 16 * 1024      # all request headers together
+DEFAULT_MAX_CONNECTIONS = 512     # connections handled at once
 COPY_CHUNK_BYTES = 1 << 20        # 1 MiB: streaming buffer size
 MAX_DRAINED_BYTES = 16 << 20      # 16 MiB: rejected body still read, so
                                   # the client sees the error response
@@ -175,6 +191,26 @@ def parse_int(text, what, minimum=None, maximum=None):
     if maximum is not None and value > maximum:
         raise UserError("invalid %s %d: must be at most %d"
                         % (what, value, maximum))
+    return value
+
+
+def json_field(body, name, kind, default=None, required=False):
+    """Read one field of a JSON request body, checking its type.
+
+    ``kind`` is str, int or float. Raises UserError naming the field.
+    """
+    value = body.get(name, default)
+    if value is None:
+        if required:
+            raise UserError("missing field %r in the request body" % name)
+        return default
+    if kind is float and isinstance(value, int) and \
+            not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError("invalid field %r: expected %s, got %r"
+                        % (name, {str: "a string", int: "a whole number",
+                                  float: "a number"}[kind], value))
     return value
 
 
@@ -255,6 +291,13 @@ INI_KEYS = {
     "start_column": "start_column",
     "end_column": "end_column",
     "include_header": "include_header",
+    "create_ini": "stream_file",
+    "all_file": "stream_file",
+    "debug_file": "stream_file",
+    "fatal_file": "stream_file",
+    "render_file": "stream_file",
+    "statistic_file": "stream_file",
+    "warning_file": "stream_file",
 }
 
 SWITCHES = [
@@ -264,6 +307,9 @@ SWITCHES = [
     ("SR", "start_row"), ("ER", "end_row"),
     ("SC", "start_column"), ("EC", "end_column"),
     ("UA", "alpha"), ("BS", "block_size"), ("HI", "include_header"),
+    ("GA", "stream_file"), ("GD", "stream_file"), ("GF", "stream_file"),
+    ("GI", "stream_file"), ("GR", "stream_file"), ("GS", "stream_file"),
+    ("GW", "stream_file"),
     ("W", "width"), ("H", "height"), ("I", "input_file"),
     ("O", "output_file"), ("F", "file_type"),
 ]
@@ -307,7 +353,8 @@ def parse_switch(word):
             return setting, sign == "+"
         if setting == "file_type":
             return setting, rest
-        if setting in ("input_file", "output_file", "include_header"):
+        if setting in ("input_file", "output_file", "include_header",
+                       "stream_file"):
             return setting, rest
         if rest == "" or not re.match(r"^[0-9.eE+-]+$", rest):
             # ``+H`` alone toggles nothing we read, and ``+HT...`` or
@@ -384,10 +431,25 @@ def read_povray_options(options):
             raise UserError("POV-Ray option for %s is set by the farm: %s"
                             % (setting.replace("_", " "),
                                FARM_SETTINGS[setting]))
-        if setting == "include_header":
-            raise UserError("POV-Ray option +HI is not supported; "
-                            "#include the file from the scene instead")
+    check_written_files(pairs, "POV-Ray option")
     return pairs
+
+
+def check_written_files(pairs, source):
+    """Reject settings that make POV-Ray write files of its own choice.
+
+    Stream files (``+GF<file>``, ``All_File=...``) and ``Create_Ini``
+    could write anywhere the worker can. Turning a stream on or off
+    without a file name is fine.
+    """
+    for setting, value in pairs:
+        if setting != "stream_file":
+            continue
+        word = str(value).strip().lower()
+        if word and word not in TRUE_WORDS and word not in FALSE_WORDS:
+            raise UserError("%s writes POV-Ray's output to the file %r, "
+                            "which the farm does not allow; the task log "
+                            "keeps that output" % (source, value))
 
 
 def parse_bool(value, what):
@@ -448,6 +510,10 @@ def resolve_settings(pairs):
         if not 1 <= settings[side] <= MAX_IMAGE_SIDE:
             raise UserError("invalid %s %d: must be 1 to %d pixels"
                             % (side, settings[side], MAX_IMAGE_SIDE))
+    if settings["width"] * settings["height"] > MAX_PIXELS:
+        raise UserError("image of %dx%d is too large (at most %d pixels)"
+                        % (settings["width"], settings["height"],
+                           MAX_PIXELS))
     if settings["block_size"] < 1:
         raise UserError("invalid Render_Block_Size %d: must be at least 1"
                         % settings["block_size"])
@@ -514,7 +580,7 @@ def check_member_name(name):
                         "path component" % name)
 
 
-def inspect_archive(path):
+def inspect_archive(path, max_unpacked=MAX_UNPACKED_BYTES):
     """Check a job archive and return its layout.
 
     Returns a dict with ``root`` (the folder inside the archive that acts
@@ -560,9 +626,9 @@ def inspect_archive(path):
             files.append(name)
             unpacked += member.file_size
             packed += member.compress_size
-        if unpacked > MAX_UNPACKED_BYTES:
+        if unpacked > max_unpacked:
             raise TooLarge("job archive unpacks to %d bytes, more than the "
-                           "limit of %d" % (unpacked, MAX_UNPACKED_BYTES))
+                           "limit of %d" % (unpacked, max_unpacked))
         if unpacked > COPY_CHUNK_BYTES and \
                 unpacked > MAX_COMPRESSION_RATIO * max(packed, 1):
             raise UserError("job archive unpacks to %d bytes from %d: a "
@@ -678,19 +744,20 @@ def plan_tasks(first_frame, last_frame, row_ranges, frames_per_task):
         yield start, min(start + step - 1, last_frame), row_first, row_last
 
 
-def prepare_job(archive_path, options):
+def prepare_job(archive_path, options, max_unpacked=MAX_UNPACKED_BYTES):
     """Read a checked archive and the submit options into a job plan.
 
     Returns a dict with everything the database stores about the job.
     ``options`` contains name, frames, slices, rows_per_slice,
     frames_per_task, max_workers, priority, scene and povray_options.
     """
-    layout = inspect_archive(archive_path)
+    layout = inspect_archive(archive_path, max_unpacked)
     ini, pov = choose_scene(layout, options.get("scene"))
     pairs = []
     if ini:
         text = read_archive_text(archive_path, layout["root"] + ini)
         pairs.extend(read_ini_text(text, ini))
+        check_written_files(pairs, ini)
     povray_options = list(options.get("povray_options") or [])
     pairs.extend(read_povray_options(povray_options))
     settings = resolve_settings(pairs)
@@ -715,6 +782,14 @@ def prepare_job(archive_path, options):
         raise UserError("scene file %r not found in the job (files: %s)"
                         % (input_file, ", ".join(layout["files"][:20])))
     settings["input_file"] = input_file
+    for setting, value in pairs:
+        if setting == "include_header" and value:
+            header = value.replace("\\", "/")
+            check_member_name(header)
+            if header not in layout["files"]:
+                raise UserError("include header %r (+HI) not found in the "
+                                "job; it must be a file of the job"
+                                % value)
 
     if settings["animated"]:
         first = settings.get("subset_start", settings["initial_frame"])
@@ -1901,15 +1976,34 @@ class Farm:
             os.makedirs(os.path.join(self.data_dir, folder), exist_ok=True)
         for name in os.listdir(self.path("tmp")):
             remove_tree_or_file(self.path("tmp", name))
-        self.tokens = load_or_create_tokens(self.data_dir)
-        self.session = hmac.new(self.tokens["admin"].encode(), b"session",
-                                hashlib.sha256).hexdigest()
+        self.tokens_path = self.path("tokens.json")
+        self.tokens_stamp = None
+        self.public_status = False
+        self.reload_tokens()
         self.db = Database(self.path("httpov.sqlite3"), busy_seconds,
                            lease_seconds)
         self.stopping = threading.Event()
 
     def path(self, *parts):
         return os.path.join(self.data_dir, *parts)
+
+    def reload_tokens(self):
+        """Read the tokens again when ``token --rotate`` replaced them."""
+        try:
+            info = os.stat(self.tokens_path)
+            stamp = (info.st_ino, info.st_mtime_ns)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == self.tokens_stamp:
+            return
+        self.tokens = load_or_create_tokens(self.data_dir)
+        self.session = hmac.new(self.tokens["admin"].encode(), b"session",
+                                hashlib.sha256).hexdigest()
+        if self.tokens_stamp is not None:
+            server_log.info("tokens changed on disk; old tokens no longer "
+                            "work")
+        info = os.stat(self.tokens_path)
+        self.tokens_stamp = (info.st_ino, info.st_mtime_ns)
 
     def temp_path(self, suffix=""):
         handle, path = tempfile.mkstemp(dir=self.path("tmp"),
@@ -1963,7 +2057,8 @@ class Farm:
 
     def submit(self, upload_path, options):
         """Check an uploaded archive and create a job; return its summary."""
-        plan = prepare_job(upload_path, options)
+        plan = prepare_job(upload_path, options,
+                           UNPACKED_PER_JOB_BYTE * self.max_job_bytes)
         archive_sha = sha256_of_file(upload_path)
         target = self.path("archives", archive_sha + ".zip")
         if os.path.exists(target):
@@ -2049,9 +2144,9 @@ class Farm:
     # -- workers and tasks --------------------------------------------------
 
     def register(self, body):
-        name = str(body.get("name") or "worker")[:100]
-        group = str(body.get("group") or "")[:100]
-        host = str(body.get("host") or "")[:200]
+        name = json_field(body, "name", str, "worker")[:100] or "worker"
+        group = json_field(body, "group", str, "")[:100]
+        host = json_field(body, "host", str, "")[:200]
         worker_id = self.db.register_worker(name, group, host, time.time())
         server_log.info("worker %d registered as %r (group %r, host %r)",
                         worker_id, name, group, host)
@@ -2107,16 +2202,19 @@ class Farm:
         }
 
     def heartbeat(self, task_id, body):
+        progress = json_field(body, "progress", float, 0.0)
         action = self.db.heartbeat(
-            task_id, str(body.get("attempt")), int(body.get("worker", 0)),
-            min(max(float(body.get("progress") or 0), 0.0), 1.0),
+            task_id, json_field(body, "attempt", str, required=True),
+            json_field(body, "worker", int, required=True),
+            min(max(progress, 0.0), 1.0) if progress == progress else 0.0,
             time.time(), self.lease_seconds)
         return {"action": action, "lease_seconds": self.lease_seconds}
 
     def fail(self, task_id, body):
-        attempt = str(body.get("attempt"))
-        error = str(body.get("error") or "failed without a message")[:2000]
-        log_text = str(body.get("log") or "")[-MAX_LOG_BYTES:]
+        attempt = json_field(body, "attempt", str, required=True)
+        error = json_field(body, "error", str, "")[:2000] or \
+            "failed without a message"
+        log_text = json_field(body, "log", str, "")[-MAX_LOG_BYTES:]
         job_failed = self.db.fail_task(task_id, attempt, error, log_text,
                                        time.time())
         task = self.db.task(task_id)
@@ -2126,7 +2224,8 @@ class Farm:
         return {"status": "recorded", "job_failed": job_failed}
 
     def release(self, task_id, body):
-        self.db.release_task(task_id, str(body.get("attempt")))
+        self.db.release_task(task_id, json_field(body, "attempt", str,
+                                                 required=True))
         server_log.info("task %d released by its worker", task_id)
         return {"status": "released"}
 
@@ -2332,7 +2431,13 @@ def load_or_create_tokens(data_dir, rotate=False):
 
 
 class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """A threading HTTP server (``ThreadingHTTPServer`` needs 3.7)."""
+    """A threading HTTP server (``ThreadingHTTPServer`` needs 3.7).
+
+    It handles at most ``max_connections`` connections at once and
+    answers the next ones 503 at once. With ``tls_context`` it serves
+    HTTPS; the TLS handshake runs in the connection's own thread, so a
+    slow client cannot hold up the others.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
@@ -2340,11 +2445,113 @@ class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     # workers reconnect at once, as after a restart.
     request_queue_size = 128
 
-    def __init__(self, address, farm):
+    def __init__(self, address, farm, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 tls_context=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.farm = farm
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.deadlines = Deadlines()
+        self.tls_context = tls_context
         http.server.HTTPServer.__init__(self, address, FarmRequestHandler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            server_log.warning("too many connections; %s answered 503",
+                               client_address[0])
+            body = b'{"error": "too many connections; try again"}\n'
+            try:
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\n"
+                    b"Content-Type: application/json\r\n"
+                    b"Retry-After: 5\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            socketserver.ThreadingMixIn.process_request(
+                self, request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            if self.tls_context is not None:
+                request = self.start_tls(request, client_address)
+                if request is None:
+                    return
+            socketserver.ThreadingMixIn.process_request_thread(
+                self, request, client_address)
+        finally:
+            self.slots.release()
+
+    def start_tls(self, request, client_address):
+        """Run the TLS handshake; return the TLS socket, or None."""
+        request.settimeout(HTTP_TIMEOUT_SECONDS)
+        request = self.tls_context.wrap_socket(
+            request, server_side=True, do_handshake_on_connect=False)
+        self.deadlines.watch(request, HEADER_TIMEOUT_SECONDS)
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError) as error:
+            server_log.info("TLS handshake with %s failed: %s",
+                            client_address[0], error)
+            self.shutdown_request(request)
+            return None
+        finally:
+            self.deadlines.forget(request)
+        return request
+
+    def serve_forever(self, poll_interval=0.5):
+        threading.Thread(target=self.deadlines.run, daemon=True,
+                         name="deadlines").start()
+        http.server.HTTPServer.serve_forever(self, poll_interval)
+
+
+class Deadlines:
+    """Closes connections whose client is too slow to send.
+
+    A handler registers its socket with a deadline before it reads the
+    request headers or a body, and forgets it afterwards. Once a second
+    the sockets past their deadline are shut down, which ends the read
+    that waits on them.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sockets = {}
+
+    def watch(self, connection, seconds):
+        with self.lock:
+            self.sockets[connection] = time.monotonic() + seconds
+
+    def forget(self, connection):
+        with self.lock:
+            self.sockets.pop(connection, None)
+
+    def run(self):
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self.lock:
+                late = [connection for connection, deadline in
+                        self.sockets.items() if deadline < now]
+                for connection in late:
+                    del self.sockets[connection]
+            for connection in late:
+                try:
+                    peer = connection.getpeername()[0]
+                except OSError:
+                    peer = "?"
+                server_log.warning("client %s too slow; connection closed",
+                                   peer)
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 # (method, path pattern, handler method name, role needed)
@@ -2380,7 +2587,29 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
     timeout = HTTP_TIMEOUT_SECONDS
 
     def log_message(self, format, *args):
-        server_log.debug("%s %s", self.address_string(), format % args)
+        # The login link carries the admin token in its query string.
+        message = re.sub(r"token=[^&\s\"]*", "token=<hidden>",
+                         format % args)
+        server_log.debug("%s %s", self.address_string(), message)
+
+    def send_error(self, code, message=None, explain=None):
+        """Answer errors found by http.server itself (a bad request line,
+        too many headers, an unknown method) with JSON like the API."""
+        self.close_connection = True
+        self.body_read = True
+        text = message or http.HTTPStatus(code).phrase
+        server_log.info("%s: %d %s", self.address_string(), code, text)
+        try:
+            self.send_json({"error": text}, code)
+        except OSError:
+            pass
+
+    def handle_one_request(self):
+        self.server.deadlines.watch(self.connection, HEADER_TIMEOUT_SECONDS)
+        try:
+            http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        finally:
+            self.server.deadlines.forget(self.connection)
 
     def do_GET(self):
         self.dispatch("GET")
@@ -2397,12 +2626,25 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
     def do_PATCH(self):
         self.dispatch("PATCH")
 
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def do_OPTIONS(self):
+        self.dispatch("OPTIONS")
+
     @property
     def farm(self):
         return self.server.farm
 
     def dispatch(self, method):
+        self.server.deadlines.forget(self.connection)
         self.body_read = False
+        if sum(len(name) + len(value) + 4
+               for name, value in self.headers.items()) > MAX_HEADER_BYTES:
+            self.close_connection = True
+            self.send_json({"error": "request headers are larger than %d "
+                            "bytes" % MAX_HEADER_BYTES}, 431)
+            return
         parsed = urllib.parse.urlsplit(self.path)
         self.query = urllib.parse.parse_qs(parsed.query,
                                            keep_blank_values=True)
@@ -2436,7 +2678,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         for route in COMPILED_ROUTES:
             match = route[1].match(path)
             if match:
-                if route[0] == method:
+                if route[0] == method or (method == "HEAD" and
+                                          route[0] == "GET"):
                     return route, match.groups()
                 allowed.append(route[0])
         if allowed:
@@ -2463,6 +2706,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         return False
 
     def check_access(self, role):
+        self.farm.reload_tokens()
         token = self.presented_token()
         tokens = self.farm.tokens
         is_admin = token is not None and hmac.compare_digest(
@@ -2473,7 +2717,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         if is_admin or (role == "worker" and is_worker):
             return
-        if role == "admin" and self.command == "GET" and self.has_session():
+        if role == "admin" and self.command == "GET" and (
+                self.farm.public_status or self.has_session()):
             return
         if token is None:
             raise Unauthorized("missing token: send the header "
@@ -2512,7 +2757,11 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def read_json(self):
         length = self.content_length(MAX_JSON_BYTES)
-        data = self.rfile.read(length)
+        self.server.deadlines.watch(self.connection, HEADER_TIMEOUT_SECONDS)
+        try:
+            data = self.rfile.read(length)
+        finally:
+            self.server.deadlines.forget(self.connection)
         self.body_read = True
         if len(data) < length:
             self.close_connection = True
@@ -2531,6 +2780,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         """Stream the request body into a file under the data folder."""
         length = self.content_length(limit)
         path = self.farm.temp_path(suffix)
+        self.server.deadlines.watch(
+            self.connection, HEADER_TIMEOUT_SECONDS +
+            length / MIN_UPLOAD_BYTES_PER_SECOND)
         try:
             left = length
             with open(path, "wb") as target:
@@ -2545,6 +2797,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         except BaseException:
             remove_quietly(path)
             raise
+        finally:
+            self.server.deadlines.forget(self.connection)
         self.body_read = True
         return path
 
@@ -2567,7 +2821,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_security_headers()
         if self.close_connection:
             self.send_header("Connection", "close")
         for name, value in (headers or {}).items():
@@ -2575,6 +2829,12 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def send_security_headers(self):
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", PAGE_POLICY)
 
     def send_file(self, path, content_type, download_name=None):
         try:
@@ -2586,12 +2846,13 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(size))
-            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_security_headers()
             if download_name:
                 self.send_header("Content-Disposition",
                                  'inline; filename="%s"' % download_name)
             self.end_headers()
-            shutil.copyfileobj(source, self.wfile, COPY_CHUNK_BYTES)
+            if self.command != "HEAD":
+                shutil.copyfileobj(source, self.wfile, COPY_CHUNK_BYTES)
 
     # -- API endpoints ------------------------------------------------------
 
@@ -2619,8 +2880,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def api_update_job(self, job_id):
         body = self.read_json()
-        priority = body.get("priority")
-        max_workers = body.get("max_workers")
+        priority = json_field(body, "priority", int)
+        max_workers = json_field(body, "max_workers", int)
         if priority is not None:
             priority = parse_int(priority, "priority", -1000000, 1000000)
         if max_workers is not None:
@@ -2673,7 +2934,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def api_claim(self):
         body = self.read_json()
-        worker_id = parse_int(body.get("worker"), "worker id", 1)
+        worker_id = json_field(body, "worker", int, required=True)
         self.send_json(self.farm.claim(worker_id))
 
     def api_archive(self, archive_sha):
@@ -2741,16 +3002,15 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_bytes(b"", "text/plain", 303,
                             {"Location": "/", "Set-Cookie": cookie})
             return
-        if not self.has_session() and not self.is_admin_request():
+        if not self.farm.public_status and not self.has_session() and \
+                not self.is_admin_request():
             page = render_login_page()
             self.send_bytes(page.encode(), "text/html; charset=utf-8", 401)
             return
         jobs = [self.farm.job_summary(job, detail=True)
                 for job in self.farm.db.jobs()]
         page = render_status_page(jobs, self.farm.db.workers(), time.time())
-        self.send_bytes(page.encode(), "text/html; charset=utf-8", 200,
-                        {"Content-Security-Policy":
-                         "default-src 'self'; style-src 'unsafe-inline'"})
+        self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
 
     def is_admin_request(self):
         token = self.presented_token()
@@ -2758,6 +3018,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             token.encode(), self.farm.tokens["admin"].encode())
 
 
+PAGE_POLICY = ("default-src 'none'; img-src 'self'; style-src "
+               "'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; "
+               "base-uri 'none'")
 PAGE_STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
@@ -2843,6 +3106,13 @@ class ServerUnreachable(Exception):
     """The server could not be reached or the connection broke."""
 
 
+class TlsError(Exception):
+    """The server's certificate could not be verified, or TLS failed.
+
+    Unlike ServerUnreachable this does not go away by retrying.
+    """
+
+
 class ApiError(Exception):
     """An error response from the server."""
 
@@ -2856,7 +3126,8 @@ class ApiError(Exception):
 class ApiClient:
     """A small client for the JSON API; one instance per thread."""
 
-    def __init__(self, url, token, timeout=HTTP_TIMEOUT_SECONDS):
+    def __init__(self, url, token, timeout=HTTP_TIMEOUT_SECONDS,
+                 cacert=None, insecure=False):
         parsed = urllib.parse.urlsplit(url)
         try:
             port = parsed.port
@@ -2875,12 +3146,23 @@ class ApiClient:
         self.token = token
         self.timeout = timeout
         self.connection = None
+        self.tls_context = None
+        if self.scheme == "https":
+            try:
+                self.tls_context = ssl.create_default_context(cafile=cacert)
+            except (OSError, ssl.SSLError) as error:
+                raise UserError("cannot read CA certificate %s: %s"
+                                % (cacert, error))
+            if insecure:
+                self.tls_context.check_hostname = False
+                self.tls_context.verify_mode = ssl.CERT_NONE
 
     def connect(self):
         if self.connection is None:
             if self.scheme == "https":
                 self.connection = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout)
+                    self.host, self.port, timeout=self.timeout,
+                    context=self.tls_context)
             else:
                 self.connection = http.client.HTTPConnection(
                     self.host, self.port, timeout=self.timeout)
@@ -2919,6 +3201,14 @@ class ApiClient:
                 data = response.read()
             if response.getheader("Connection", "").lower() == "close":
                 self.close()
+        except ssl.SSLError as error:
+            self.close()
+            if isinstance(error, (ssl.SSLZeroReturnError, ssl.SSLEOFError)):
+                raise ServerUnreachable("cannot reach %s: %s"
+                                        % (self.url, error))
+            raise TlsError("TLS with %s failed: %s; pass --cacert FILE with "
+                           "the server's certificate (or --insecure to "
+                           "skip the check)" % (self.url, error))
         except (OSError, http.client.HTTPException) as error:
             self.close()
             raise ServerUnreachable(
@@ -3080,7 +3370,10 @@ def povray_error(log_text, error_file_text=""):
     return " | ".join(lines[-3:]) or "POV-Ray printed nothing"
 
 
-def describe_exit(returncode):
+def describe_exit(returncode, sandboxed=False):
+    if sandboxed and returncode > 128:
+        # bubblewrap exits with 128 + N when POV-Ray died of signal N.
+        returncode = 128 - returncode
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -3091,6 +3384,126 @@ def describe_exit(returncode):
     if returncode == 2:
         return "POV-Ray was cancelled (exit code 2)"
     return "POV-Ray failed with exit code %d" % returncode
+
+
+# Runs between the worker and POV-Ray on POSIX systems: it sets the
+# resource limits, drops to the render user and replaces itself with
+# POV-Ray (or bubblewrap), so no Python code runs in a forked child of a
+# threaded worker.
+LAUNCHER = """
+import json, os, resource, sys
+spec = json.loads(sys.argv[1])
+for name, value in spec["limits"]:
+    kind = getattr(resource, name)
+    soft, hard = resource.getrlimit(kind)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(kind, (value, value))
+if spec["gid"] is not None:
+    os.setgroups([])
+    os.setgid(spec["gid"])
+if spec["uid"] is not None:
+    os.setuid(spec["uid"])
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def sandbox_command(bwrap, povray, povini, scene_dir, output_dir,
+                    home_dir):
+    """Return the bubblewrap prefix that confines POV-Ray.
+
+    POV-Ray sees /usr and the POV-Ray installation read-only, its task's
+    scene, output and home folders read-write, and no network. The root
+    of the sandbox is read-only, so ``../escape.txt`` cannot be written.
+    """
+    command = [bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+               "--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            command += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            command += ["--ro-bind", path, path]
+    for path in ("/etc/povray", "/etc/ld.so.cache", "/etc/alternatives"):
+        if os.path.exists(path):
+            command += ["--ro-bind", path, path]
+    # A POV-Ray outside /usr brings only its own folder, not its parent,
+    # which might be a home folder.
+    install = os.path.dirname(os.path.realpath(povray))
+    if not install.startswith("/usr/"):
+        command += ["--ro-bind", install, install]
+    command += ["--proc", "/proc", "--dev", "/dev",
+                "--ro-bind", povini, povini]
+    for folder in (scene_dir, output_dir, home_dir):
+        command += ["--bind", folder, folder]
+    command += ["--chdir", scene_dir, "--remount-ro", "/", "--"]
+    return command
+
+
+def render_user(name):
+    """Return (uid, gid) of the user POV-Ray runs as, or (None, None).
+
+    Raises CommandError for root without a user, which would let every
+    scene act as root, and for an unknown user.
+    """
+    if not hasattr(os, "geteuid"):
+        return None, None
+    if not name:
+        if os.geteuid() == 0:
+            raise CommandError("refusing to render as root: a scene is a "
+                               "program; pass --user NAME (or set "
+                               "HTTPOV_USER) to render as that unprivileged "
+                               "user")
+        return None, None
+    import pwd
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise CommandError("user %r not found; pass an existing "
+                           "unprivileged user to --user" % name)
+    if entry.pw_uid == 0:
+        raise CommandError("--user %s is root; pass an unprivileged user"
+                           % name)
+    if os.geteuid() != 0 and os.geteuid() != entry.pw_uid:
+        raise CommandError("--user %s needs the worker to run as root (it "
+                           "runs as uid %d)" % (name, os.geteuid()))
+    if os.geteuid() != 0:
+        return None, None
+    return entry.pw_uid, entry.pw_gid
+
+
+def chown_tree(path, uid, gid):
+    os.chown(path, uid, gid)
+    for folder, subfolders, files in os.walk(path):
+        for name in subfolders + files:
+            os.chown(os.path.join(folder, name), uid, gid,
+                     follow_symlinks=False)
+
+
+def check_reachable(path, uid, gid):
+    """Raise CommandError unless ``uid`` can enter every folder above path.
+
+    A rough check of the permission bits, which catches the usual
+    mistake: a work folder inside root's home or a private temp folder.
+    """
+    folder = os.path.abspath(path)
+    while True:
+        info = os.stat(folder)
+        if info.st_uid == uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid == gid:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            raise CommandError("the render user (uid %d) cannot enter %s; "
+                               "choose a --workdir it can reach, or make "
+                               "that folder searchable (chmod o+x)"
+                               % (uid, folder))
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
 
 
 class TaskFailed(Exception):
@@ -3110,7 +3523,10 @@ class Worker:
 
     def __init__(self, url, token, name=None, group="", povray="povray",
                  threads=None, workdir=None, once=False, console=True,
-                 max_task_seconds=0, stall_seconds=DEFAULT_STALL_SECONDS):
+                 max_task_seconds=DEFAULT_MAX_TASK_SECONDS,
+                 stall_seconds=DEFAULT_STALL_SECONDS,
+                 cacert=None, insecure=False, user=None, sandbox="auto",
+                 memory_mib=None):
         self.url = url
         self.token = token
         self.name = name or socket.gethostname()
@@ -3122,7 +3538,9 @@ class Worker:
         self.max_task_seconds = max_task_seconds
         self.stall_seconds = stall_seconds
         self.console = console and sys.stderr.isatty()
-        self.client = ApiClient(url, token)
+        self.cacert = cacert
+        self.insecure = insecure
+        self.client = self.new_client()
         self.worker_id = None
         self.max_result_bytes = None
         self.stop_after_task = threading.Event()
@@ -3131,12 +3549,55 @@ class Worker:
         self.process_lock = threading.Lock()
         for folder in ("archives", "jobs", "tasks", "outbox"):
             os.makedirs(os.path.join(self.workdir, folder), exist_ok=True)
+        self.uid, self.gid = render_user(user)
+        if self.uid is not None:
+            os.chmod(os.path.join(self.workdir, "tasks"), 0o755)
+            check_reachable(os.path.join(self.workdir, "tasks"), self.uid,
+                            self.gid)
+        # Each POV-Ray thread reserves address space for its stack and its
+        # malloc arena, so the limit grows with the thread count.
+        self.memory_mib = memory_mib or (DEFAULT_MEMORY_MIB +
+                                         MEMORY_MIB_PER_THREAD *
+                                         self.threads)
+        self.bwrap = None
+        if sandbox not in ("auto", "bwrap", "none"):
+            raise CommandError("invalid --sandbox %r: expected auto, bwrap "
+                               "or none" % sandbox)
+        if sandbox != "none":
+            self.bwrap = shutil.which("bwrap")
+            if self.bwrap is None and sandbox == "bwrap":
+                raise CommandError("--sandbox bwrap needs bubblewrap; "
+                                   "install it (apt-get install "
+                                   "bubblewrap) or pass --sandbox auto")
         self.povini = os.path.join(self.workdir, "povray.ini")
         lines = ['Library_Path="%s"' % path for path in library_paths()]
         write_file_atomically(self.povini,
                               ("\n".join(lines) + "\n").encode())
+        os.chmod(self.povini, 0o644)
+        self.describe_confinement(user)
+
+    def describe_confinement(self, user):
+        """Say once, at start, what a scene can reach on this machine."""
+        who = "user %s" % user if user else "this worker's user"
+        limits = ("resource limits (memory %d MiB)" % self.memory_mib
+                  if os.name == "posix" else "no resource limits (the "
+                  "resource module is POSIX only)")
+        if self.bwrap:
+            worker_log.info("scenes run as %s in a bubblewrap sandbox "
+                            "(task folder only, no network), with %s",
+                            who, limits)
+        else:
+            worker_log.warning(
+                "no sandbox: a scene runs as %s and can read and write "
+                "every file that user can and use the network; install "
+                "bubblewrap to confine it. Scenes run with %s.",
+                who, limits)
 
     # -- talking to the server, with retries --------------------------------
+
+    def new_client(self):
+        return ApiClient(self.url, self.token, cacert=self.cacert,
+                         insecure=self.insecure)
 
     def call(self, method, path, value=None, client=None):
         """Call the API, retrying while the server is unreachable or busy.
@@ -3208,6 +3669,9 @@ class Worker:
         except ApiError as error:
             worker_log.error("server rejected the worker: %s (HTTP %d)",
                              error.message, error.status)
+            return 1
+        except TlsError as error:
+            worker_log.error("%s", error)
             return 1
         worker_log.info("worker %s stopped", self.worker_id)
         return 0
@@ -3342,6 +3806,17 @@ class Worker:
         command = povray_command(self.povray, task, self.threads,
                                  os.path.join(output_dir, OUTPUT_BASE),
                                  ERROR_FILE)
+        if self.bwrap:
+            command = sandbox_command(
+                self.bwrap, shutil.which(self.povray) or self.povray,
+                self.povini, scene_dir, output_dir, home_dir) + command
+        if os.name == "posix":
+            command = self.launcher_command() + command
+        if self.uid is not None:
+            os.chmod(task_dir, 0o755)
+            chown_tree(scene_dir, self.uid, self.gid)
+            chown_tree(output_dir, self.uid, self.gid)
+            chown_tree(home_dir, self.uid, self.gid)
         environment = dict(os.environ, POVINI=self.povini, HOME=home_dir)
         worker_log.debug("%s: running %s", task_label(task),
                          " ".join(command))
@@ -3371,7 +3846,8 @@ class Worker:
             with open(error_file, errors="replace") as source:
                 error_text = source.read(4096)
         if returncode != 0:
-            raise TaskFailed("%s: %s" % (describe_exit(returncode),
+            raise TaskFailed("%s: %s" % (describe_exit(returncode,
+                                                       bool(self.bwrap)),
                                          povray_error(log_text, error_text)),
                              log_text)
         if "Parse Error" in log_text and \
@@ -3379,6 +3855,23 @@ class Worker:
             raise TaskFailed("POV-Ray reported a parse error: %s"
                              % povray_error(log_text, error_text), log_text)
         return self.pack_result(task, output_dir, task_dir, log_text)
+
+    def launcher_command(self):
+        """Return the command prefix that applies limits and the user."""
+        cpu_seconds = int((self.max_task_seconds or
+                           DEFAULT_MAX_TASK_SECONDS) * self.threads) + 60
+        spec = {
+            "limits": [
+                ["RLIMIT_CPU", cpu_seconds],
+                ["RLIMIT_AS", self.memory_mib << 20],
+                ["RLIMIT_FSIZE", MAX_RENDER_FILE_BYTES],
+                ["RLIMIT_NOFILE", MAX_RENDER_OPEN_FILES],
+                ["RLIMIT_NPROC", MAX_RENDER_PROCESSES],
+            ],
+            "uid": self.uid,
+            "gid": self.gid,
+        }
+        return [sys.executable, "-c", LAUNCHER, json.dumps(spec)]
 
     def start_povray(self, command, scene_dir, environment):
         """Start POV-Ray in its own process group, so that a Ctrl-C in
@@ -3630,7 +4123,7 @@ class Heartbeat:
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True,
                                        name="heartbeat-%d" % task["id"])
-        self.client = ApiClient(worker.url, worker.token)
+        self.client = worker.new_client()
 
     def start(self):
         self.thread.start()
@@ -3776,6 +4269,11 @@ def submit_job(client, path, options, povray_options):
             remove_quietly(archive)
 
 
+def client_from(args):
+    return ApiClient(args.url, token_from(args), cacert=args.cacert,
+                     insecure=args.insecure)
+
+
 def token_from(args):
     token = args.token or os.environ.get("HTTPOV_TOKEN")
     if not token:
@@ -3810,9 +4308,27 @@ def fetch_frames(client, job, output_dir, fetched):
     return count
 
 
-def command_serve(args):
+def server_tls_context(cert_file, key_file):
+    """Load the server's certificate and key; raise CommandError."""
+    if bool(cert_file) != bool(key_file):
+        raise CommandError("give both --tls-cert and --tls-key")
+    if not cert_file:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        server = FarmHTTPServer((args.bind, args.port), None)
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise CommandError("cannot load certificate %s and key %s: %s"
+                           % (cert_file, key_file, error))
+    return context
+
+
+def command_serve(args):
+    tls_context = server_tls_context(args.tls_cert, args.tls_key)
+    try:
+        server = FarmHTTPServer((args.bind, args.port), None,
+                                max_connections=args.max_connections,
+                                tls_context=tls_context)
     except (OSError, OverflowError) as error:
         raise CommandError("cannot listen on %s port %d: %s"
                            % (args.bind, args.port, error))
@@ -3826,6 +4342,7 @@ def command_serve(args):
         server.server_close()
         raise
     server.farm = farm
+    farm.public_status = args.public_status
     farm.recover()
     port = server.server_address[1]
     host = args.bind
@@ -3833,16 +4350,20 @@ def command_serve(args):
         host = socket.gethostname()
     if ":" in host:
         host = "[%s]" % host
-    url = "http://%s:%d/" % (host, port)
+    scheme = "https" if tls_context else "http"
+    url = "%s://%s:%d/" % (scheme, host, port)
+    client_options = ""
+    if tls_context:
+        client_options = " --cacert %s" % args.tls_cert
     threading.Thread(target=farm.housekeeping, daemon=True,
                      name="housekeeping").start()
     print("httpov %s serving %s on %s port %d"
           % (__version__, farm.data_dir, args.bind, port))
     print("Status page:  %s?token=%s" % (url, farm.tokens["admin"]))
-    print("Start workers: python3 httpov.py work %s --token %s"
-          % (url, farm.tokens["worker"]))
-    print("Submit a job:  python3 httpov.py submit %s SCENE --token %s"
-          % (url, farm.tokens["admin"]))
+    print("Start workers: python3 httpov.py work %s --token %s%s"
+          % (url, farm.tokens["worker"], client_options))
+    print("Submit a job:  python3 httpov.py submit %s SCENE --token %s%s"
+          % (url, farm.tokens["admin"], client_options))
     sys.stdout.flush()
     server_log.info("listening on %s port %d", args.bind, port)
     try:
@@ -3860,7 +4381,11 @@ def command_token(args):
     if not os.path.exists(path):
         raise CommandError("no tokens in %s: start 'httpov.py serve --data "
                            "%s' once to create them" % (args.data, args.data))
-    tokens = load_or_create_tokens(args.data)
+    tokens = load_or_create_tokens(args.data, rotate=args.rotate)
+    if args.rotate:
+        log.info("new tokens written to %s; a running server uses them "
+                 "from its next request, so restart the workers with the "
+                 "new worker token", path)
     print("admin %s" % tokens["admin"])
     print("worker %s" % tokens["worker"])
     return 0
@@ -3881,7 +4406,9 @@ def command_work(args):
                     group=args.group, povray=args.povray,
                     threads=args.threads, workdir=args.workdir,
                     once=args.once, max_task_seconds=args.max_task_time,
-                    stall_seconds=args.stall_timeout)
+                    stall_seconds=args.stall_timeout, cacert=args.cacert,
+                    insecure=args.insecure, user=args.user,
+                    sandbox=args.sandbox, memory_mib=args.memory_limit)
     presses = [0]
 
     def on_interrupt(number, frame):
@@ -3902,7 +4429,7 @@ def command_work(args):
 
 
 def command_submit(args):
-    client = ApiClient(args.url, token_from(args))
+    client = client_from(args)
     try:
         job = submit_job(client, args.path, job_options_from_args(args),
                          args.povray_options)
@@ -3915,7 +4442,7 @@ def command_submit(args):
 
 
 def command_status(args):
-    client = ApiClient(args.url, token_from(args))
+    client = client_from(args)
     if args.job is None:
         answer = client.call("GET", "/api/jobs")
         if args.json:
@@ -3945,7 +4472,7 @@ def command_status(args):
 
 
 def command_fetch(args):
-    client = ApiClient(args.url, token_from(args))
+    client = client_from(args)
     fetched = set()
     said_paused = False
     while True:
@@ -3974,7 +4501,7 @@ def command_fetch(args):
 
 
 def command_job(args):
-    client = ApiClient(args.url, token_from(args))
+    client = client_from(args)
     if args.action is None and args.priority is None and \
             args.max_workers is None:
         raise CommandError("nothing to do: give an action (pause, resume, "
@@ -4008,7 +4535,11 @@ def command_render(args):
     cores = os.cpu_count() or 1
     workers = args.workers or max(2, cores)
     threads = max(1, cores // workers)
+    render_user(args.user)
     temp_dir = tempfile.mkdtemp(prefix="httpov-render-")
+    if args.user:
+        # The render user must reach its task folders inside.
+        os.chmod(temp_dir, 0o755)
     farm = Farm(os.path.join(temp_dir, "data"), lease_seconds=args.lease)
     server = FarmHTTPServer(("127.0.0.1", 0), farm)
     url = "http://127.0.0.1:%d/" % server.server_address[1]
@@ -4037,7 +4568,9 @@ def command_render(args):
                             povray=args.povray, threads=threads,
                             workdir=os.path.join(temp_dir, "worker-%d"
                                                  % number),
-                            console=False)
+                            console=False, user=args.user,
+                            sandbox=args.sandbox,
+                            memory_mib=args.memory_limit)
             thread = threading.Thread(target=worker.run, daemon=True,
                                       name=worker.name)
             thread.start()
@@ -4181,9 +4714,34 @@ def build_parser():
                          default=argparse.SUPPRESS,
                          help="log debug messages")
     original_add_parser = commands.add_parser
+    tls = argparse.ArgumentParser(add_help=False)
+    tls.add_argument("--cacert", metavar="FILE",
+                     help="CA certificate (PEM) that signed the server's "
+                     "HTTPS certificate")
+    tls.add_argument("--insecure", action="store_true",
+                     help="do not verify the server's HTTPS certificate")
+
+    render_options = argparse.ArgumentParser(add_help=False)
+    render_options.add_argument(
+        "--user", default=os.environ.get("HTTPOV_USER"), metavar="NAME",
+        help="unprivileged user that POV-Ray runs as; needed when the "
+        "worker runs as root (default: $HTTPOV_USER)")
+    render_options.add_argument(
+        "--sandbox", choices=("auto", "bwrap", "none"), default="auto",
+        help="confine POV-Ray with bubblewrap: auto uses it when "
+        "installed (default auto)")
+    render_options.add_argument(
+        "--memory-limit", type=positive_int, dest="memory_limit",
+        metavar="MIB", help="address space of POV-Ray in MiB (default "
+        "%d + %d per thread)" % (DEFAULT_MEMORY_MIB, MEMORY_MIB_PER_THREAD))
 
     def add_parser(name, **options):
-        return original_add_parser(name, parents=[verbose], **options)
+        parents = [verbose]
+        if name in ("work", "submit", "status", "fetch", "job"):
+            parents.append(tls)
+        if name in ("work", "render"):
+            parents.append(render_options)
+        return original_add_parser(name, parents=parents, **options)
 
     commands.add_parser = add_parser
 
@@ -4213,6 +4771,17 @@ def build_parser():
                        default=MAX_RESULT_BYTES >> 20, metavar="MIB",
                        help="largest task result upload in MiB "
                        "(default %d)" % (MAX_RESULT_BYTES >> 20))
+    serve.add_argument("--tls-cert", metavar="FILE",
+                       help="serve HTTPS with this PEM certificate (chain)")
+    serve.add_argument("--tls-key", metavar="FILE",
+                       help="the PEM private key of --tls-cert")
+    serve.add_argument("--public-status", action="store_true",
+                       help="let anyone read the status page and job "
+                       "progress without logging in")
+    serve.add_argument("--max-connections", type=positive_int,
+                       default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                       help="connections handled at once; more get 503 "
+                       "(default %d)" % DEFAULT_MAX_CONNECTIONS)
     serve.add_argument("--busy-timeout", type=seconds(0),
                        dest="busy_timeout",
                        default=SQLITE_BUSY_SECONDS, metavar="SECONDS",
@@ -4222,6 +4791,8 @@ def build_parser():
     token = commands.add_parser("token", help="print the server's tokens")
     token.add_argument("--data", default=DEFAULT_DATA_DIR,
                        help="data folder (default ./%s)" % DEFAULT_DATA_DIR)
+    token.add_argument("--rotate", action="store_true",
+                       help="replace both tokens with new ones")
 
     work = commands.add_parser("work", help="render tasks from a server")
     work.add_argument("url", help="server URL, e.g. http://HOST:8080/")
@@ -4237,10 +4808,12 @@ def build_parser():
                       % default_workdir())
     work.add_argument("--once", action="store_true",
                       help="render at most one task, then exit")
-    work.add_argument("--max-task-time", type=seconds(0), default=0,
+    work.add_argument("--max-task-time", type=seconds(0),
+                      default=DEFAULT_MAX_TASK_SECONDS,
                       dest="max_task_time", metavar="SECONDS",
                       help="stop POV-Ray after this long and report the "
-                      "task failed (default 0: no limit)")
+                      "task failed (default %d; 0: no limit)"
+                      % DEFAULT_MAX_TASK_SECONDS)
     work.add_argument("--stall-timeout", type=seconds(0),
                       default=DEFAULT_STALL_SECONDS, dest="stall_timeout",
                       metavar="SECONDS",
@@ -4343,7 +4916,7 @@ def main(argv=None):
         sys.stderr.write("httpov: server responded %d: %s\n"
                          % (error.status, error.message))
         return 1
-    except ServerUnreachable as error:
+    except (ServerUnreachable, TlsError) as error:
         sys.stderr.write("httpov: %s\n" % error)
         return 1
     except OSError as error:

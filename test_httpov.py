@@ -37,6 +37,17 @@ try:
 except ImportError:
     Image = None
 
+# Workers refuse to render as root; as root, the tests render as nobody.
+if hasattr(os, "geteuid") and os.geteuid() == 0:
+    os.environ.setdefault("HTTPOV_USER", "nobody")
+
+
+def make_temp_dir(**options):
+    """Make a temporary folder that the render user can enter."""
+    path = tempfile.mkdtemp(**options)
+    os.chmod(path, 0o755)
+    return path
+
 
 def needs_povray(test):
     """Skip a test without POV-Ray, or fail it in CI."""
@@ -119,7 +130,8 @@ class SettingsTest(unittest.TestCase):
 
     def test_options_reject_farm_settings(self):
         for option in ("+Oout.png", "+SR10", "+ER20", "+SF2", "+EF3",
-                       "+SC5", "Output_File_Name=x.png", "+HIx.inc"):
+                       "+SC5", "Output_File_Name=x.png", "+GF/tmp/x",
+                       "+GIcopy.ini", "All_File=../log.txt"):
             with self.subTest(option=option):
                 with self.assertRaises(httpov.UserError):
                     httpov.read_povray_options([option])
@@ -245,7 +257,7 @@ class TaskPlanTest(unittest.TestCase):
 class ArchiveTest(unittest.TestCase):
 
     def setUp(self):
-        self.folder = tempfile.mkdtemp()
+        self.folder = make_temp_dir()
         self.addCleanup(shutil.rmtree, self.folder)
 
     def archive(self, members):
@@ -346,6 +358,23 @@ class ArchiveTest(unittest.TestCase):
         self.assertEqual(plan["row_ranges"], [(1, 32), (33, 48)])
         self.assertEqual(plan["task_count"], 8)
 
+    def test_prepare_job_include_header(self):
+        path = self.archive({"s.pov": SPHERE_SCENE, "head.inc": b"//"})
+        plan = httpov.prepare_job(path, {"povray_options": ["+HIhead.inc"]})
+        self.assertEqual(plan["povray_options"], ["+HIhead.inc"])
+        for header in ("/etc/passwd", "../x.inc", "missing.inc"):
+            with self.subTest(header=header):
+                with self.assertRaises(httpov.UserError):
+                    httpov.prepare_job(path, {"povray_options":
+                                              ["+HI" + header]})
+
+    def test_prepare_job_stream_file_in_ini(self):
+        path = self.archive({"j.ini": b"Input_File_Name=s.pov\n"
+                                      b"Fatal_File=/tmp/owned.txt\n",
+                             "s.pov": SPHERE_SCENE})
+        with self.assertRaisesRegex(httpov.UserError, "owned.txt"):
+            httpov.prepare_job(path, {})
+
     def test_prepare_job_missing_scene(self):
         path = self.archive({"job.ini": b"Input_File_Name=gone.pov\n",
                              "other.txt": b"x"})
@@ -410,7 +439,7 @@ def random_rows(width, height, pixel_bytes, seed=1):
 class PngTest(unittest.TestCase):
 
     def setUp(self):
-        self.folder = tempfile.mkdtemp()
+        self.folder = make_temp_dir()
         self.addCleanup(shutil.rmtree, self.folder)
 
     def write(self, name, info, rows, filter_types=None):
@@ -566,7 +595,7 @@ class PovrayImageTest(unittest.TestCase):
 
     def setUp(self):
         self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
-        self.folder = tempfile.mkdtemp()
+        self.folder = make_temp_dir()
         self.addCleanup(shutil.rmtree, self.folder)
         with open(os.path.join(self.folder, "s.pov"), "wb") as out:
             out.write(SPHERE_SCENE)
@@ -610,7 +639,7 @@ class PovrayImageTest(unittest.TestCase):
 class StorageTest(unittest.TestCase):
 
     def setUp(self):
-        self.folder = tempfile.mkdtemp()
+        self.folder = make_temp_dir()
         self.addCleanup(shutil.rmtree, self.folder)
         self.db = httpov.Database(os.path.join(self.folder, "t.sqlite3"))
         path = make_zip(os.path.join(self.folder, "j.zip"), {
@@ -788,6 +817,7 @@ class CommandLineTest(unittest.TestCase):
 
     def test_exit_by_signal_is_named(self):
         self.assertIn("SIGKILL", httpov.describe_exit(-9))
+        self.assertIn("SIGKILL", httpov.describe_exit(137, True))
         self.assertIn("cancelled", httpov.describe_exit(2))
 
 
@@ -897,7 +927,7 @@ class EndToEndTest(unittest.TestCase):
     def setUpClass(cls):
         if not POVRAY:
             raise AssertionError("POV-Ray is required (HTTPOV_CI=1)")
-        cls.folder = tempfile.mkdtemp(prefix="httpov-e2e-")
+        cls.folder = make_temp_dir(prefix="httpov-e2e-")
         cls.server = ServerProcess(os.path.join(cls.folder, "data"))
         cls.workers = [start_worker(cls.server, cls.folder, "w%d" % n)
                        for n in (1, 2)]
@@ -1117,7 +1147,7 @@ class FailureTest(unittest.TestCase):
 
     def setUp(self):
         self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
-        self.folder = tempfile.mkdtemp(prefix="httpov-fail-")
+        self.folder = make_temp_dir(prefix="httpov-fail-")
         self.addCleanup(shutil.rmtree, self.folder, True)
         self.server = ServerProcess(os.path.join(self.folder, "data"),
                                     lease=5)
@@ -1164,7 +1194,7 @@ class FailureTest(unittest.TestCase):
     def test_scene_without_image_fails(self):
         script = write_script(self.folder, "no-image", "exit 0")
         job_id = self.submit("--", "+W32", "+H32")
-        self.work("--povray", script)
+        self.work("--povray", script, "--sandbox", "none")
         job = wait_for_job(self.client, job_id, 60)
         self.assertEqual(job["state"], "failed")
         self.assertIn("without writing the image", job["error"])
@@ -1173,18 +1203,19 @@ class FailureTest(unittest.TestCase):
         script = write_script(self.folder, "wrong-size",
                               'exec %s "$@" +W17 +H13' % POVRAY)
         job_id = self.submit("--", "+W32", "+H32")
-        self.work("--povray", script)
+        self.work("--povray", script, "--sandbox", "none")
         job = wait_for_job(self.client, job_id, 60)
         self.assertEqual(job["state"], "failed")
         self.assertIn("image is 17x13, expected 32x32", job["error"])
 
     def test_stalled_povray_is_stopped(self):
+        # A copy of sleep under a unique name finds POV-Ray's child later.
         marker = os.path.join(self.folder, "stall-marker")
-        script = write_script(
-            self.folder, "stall", '%s -c "import time; time.sleep(300)" '
-            '%s & wait' % (sys.executable, marker))
+        shutil.copy(shutil.which("sleep"), marker)
+        script = write_script(self.folder, "stall", "%s 300 & wait" % marker)
         job_id = self.submit("--", "+W32", "+H32")
-        self.work("--povray", script, "--stall-timeout", "1")
+        self.work("--povray", script, "--stall-timeout", "1", "--sandbox",
+                  "none")
         job = wait_for_job(self.client, job_id, 60)
         self.assertEqual(job["state"], "failed")
         self.assertIn("printed nothing for 1 s", job["error"])
@@ -1204,7 +1235,7 @@ class FailureTest(unittest.TestCase):
     def test_killed_povray_named_by_signal(self):
         script = write_script(self.folder, "killed", "kill -9 $$")
         job_id = self.submit("--", "+W32", "+H32")
-        self.work("--povray", script)
+        self.work("--povray", script, "--sandbox", "none")
         job = wait_for_job(self.client, job_id, 60)
         self.assertEqual(job["state"], "failed")
         self.assertIn("killed by SIGKILL", job["error"])
@@ -1440,7 +1471,7 @@ class OutboxTest(unittest.TestCase):
 
     def test_restarted_worker_delivers_kept_result(self):
         self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
-        folder = tempfile.mkdtemp(prefix="httpov-outbox-")
+        folder = make_temp_dir(prefix="httpov-outbox-")
         self.addCleanup(shutil.rmtree, folder, True)
         data = os.path.join(folder, "data")
         server = ServerProcess(data, lease=30)
@@ -1506,7 +1537,7 @@ class InterruptTest(unittest.TestCase):
 
     def setUp(self):
         self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
-        self.folder = tempfile.mkdtemp(prefix="httpov-int-")
+        self.folder = make_temp_dir(prefix="httpov-int-")
         self.addCleanup(shutil.rmtree, self.folder, True)
         self.server = ServerProcess(os.path.join(self.folder, "data"))
         self.addCleanup(self.server.stop)
@@ -1556,7 +1587,7 @@ class InterruptTest(unittest.TestCase):
 class RenderCommandTest(unittest.TestCase):
 
     def test_render_small_animation(self):
-        folder = tempfile.mkdtemp()
+        folder = make_temp_dir()
         self.addCleanup(shutil.rmtree, folder)
         with open(os.path.join(folder, "spin.pov"), "wb") as out:
             out.write(SPHERE_SCENE)
@@ -1570,7 +1601,7 @@ class RenderCommandTest(unittest.TestCase):
         self.assertIn("frames 4/4", result.stderr)
 
     def test_render_scene_without_size(self):
-        folder = tempfile.mkdtemp()
+        folder = make_temp_dir()
         self.addCleanup(shutil.rmtree, folder)
         with open(os.path.join(folder, "plain.pov"), "wb") as out:
             out.write(SPHERE_SCENE)
@@ -1826,7 +1857,7 @@ class FaultTestCase(unittest.TestCase):
     after each test, also when the test fails."""
 
     def setUp(self):
-        self.folder = tempfile.mkdtemp(prefix="httpov-fault-")
+        self.folder = make_temp_dir(prefix="httpov-fault-")
         self.addCleanup(shutil.rmtree, self.folder, True)
         self.scene_dir = os.path.join(self.folder, "scene")
         os.makedirs(self.scene_dir)
@@ -1937,7 +1968,7 @@ class FaultTestCase(unittest.TestCase):
 
     def reference_frame(self, povray_options, frame):
         """Render one frame directly with POV-Ray; return the PNG's path."""
-        folder = tempfile.mkdtemp(prefix="reference-", dir=self.folder)
+        folder = make_temp_dir(prefix="reference-", dir=self.folder)
         frame_options = []
         if any(option.upper().startswith("+KFF")
                for option in povray_options):
