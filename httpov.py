@@ -2290,8 +2290,8 @@ class Farm:
                     task["frame_first"], task["frame_last"] + 1)]
             missing = [name for name in expected if name not in names]
             if missing:
-                raise UserError("result of task %d is missing %s (it contains: "
-                                "%s)"
+                raise UserError("result of task %d is missing %s (it "
+                                "contains: %s)"
                                 % (task["id"], ", ".join(missing),
                                    ", ".join(sorted(names)) or "nothing"))
             for name in expected:
@@ -2559,21 +2559,23 @@ ROUTES = [
     ("GET", r"/", "page_status", "page"),
     ("GET", r"/api/jobs", "api_jobs", "admin"),
     ("POST", r"/api/jobs", "api_submit", "admin"),
-    ("GET", r"/api/jobs/(\d+)", "api_job", "admin"),
-    ("POST", r"/api/jobs/(\d+)", "api_update_job", "admin"),
-    ("DELETE", r"/api/jobs/(\d+)", "api_delete_job", "admin"),
-    ("POST", r"/api/jobs/(\d+)/(pause|resume|cancel|retry|delete)",
+    ("GET", r"/api/jobs/(\d{1,18})", "api_job", "admin"),
+    ("POST", r"/api/jobs/(\d{1,18})", "api_update_job", "admin"),
+    ("DELETE", r"/api/jobs/(\d{1,18})", "api_delete_job", "admin"),
+    ("POST", r"/api/jobs/(\d{1,18})/(pause|resume|cancel|retry|delete)",
      "api_control_job", "admin"),
-    ("GET", r"/api/jobs/(\d+)/tasks", "api_tasks", "admin"),
-    ("GET", r"/api/jobs/(\d+)/frames/(-?\d+)\.png", "api_frame", "admin"),
+    ("GET", r"/api/jobs/(\d{1,18})/tasks", "api_tasks", "admin"),
+    ("GET", r"/api/jobs/(\d{1,18})/frames/(-?\d{1,18})\.png",
+     "api_frame", "admin"),
     ("GET", r"/api/workers", "api_workers", "admin"),
     ("POST", r"/api/workers", "api_register", "worker"),
     ("POST", r"/api/claim", "api_claim", "worker"),
     ("GET", r"/api/archives/([0-9a-f]{64})\.zip", "api_archive", "worker"),
-    ("POST", r"/api/tasks/(\d+)/heartbeat", "api_heartbeat", "worker"),
-    ("POST", r"/api/tasks/(\d+)/result", "api_result", "worker"),
-    ("POST", r"/api/tasks/(\d+)/fail", "api_fail", "worker"),
-    ("POST", r"/api/tasks/(\d+)/release", "api_release", "worker"),
+    ("POST", r"/api/tasks/(\d{1,18})/heartbeat", "api_heartbeat",
+     "worker"),
+    ("POST", r"/api/tasks/(\d{1,18})/result", "api_result", "worker"),
+    ("POST", r"/api/tasks/(\d{1,18})/fail", "api_fail", "worker"),
+    ("POST", r"/api/tasks/(\d{1,18})/release", "api_release", "worker"),
 ]
 COMPILED_ROUTES = [(method, re.compile("^" + pattern + "$"), name, role)
                    for method, pattern, name, role in ROUTES]
@@ -3255,13 +3257,14 @@ def backoff_delays(first=RETRY_MIN_SECONDS, cap=RETRY_MAX_SECONDS):
 # 8. Worker: running POV-Ray
 # ===========================================================================
 
-PROGRESS_PATTERN = re.compile(rb"Rendered (\d+) of (\d+) pixels")
-FRAME_PATTERN = re.compile(rb"Rendering frame (\d+) of (\d+)")
+PROGRESS_PATTERN = re.compile(rb"Rendered (\d{1,18}) of (\d{1,18}) pixels")
+FRAME_PATTERN = re.compile(rb"Rendering frame (\d{1,18}) of (\d{1,18})")
 ERROR_PATTERN = re.compile(r"Parse Error|Fatal error|Error:|error:|"
                            r"Cannot |Render failed|Aborting render|"
                            r"Render error")
 OUTPUT_BASE = "frame"
 ERROR_FILE = "fatal.txt"
+POVRAY_LINE_WIDTH = 80             # where POV-Ray breaks console lines
 TERMINATE_WAIT_SECONDS = 5.0       # after SIGTERM, before SIGKILL
 SYSTEM_POVRAY_INIS = (
     "/etc/povray/3.7/povray.ini",
@@ -3354,10 +3357,23 @@ def check_task_ranges(task):
 
 def povray_error(log_text, error_file_text=""):
     """Pick POV-Ray's own error message out of its output."""
-    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
-    for line in lines:
+    raw_lines = [line.rstrip() for line in log_text.splitlines()
+                 if line.strip()]
+    lines = [line.strip() for line in raw_lines]
+    for index, line in enumerate(lines):
         if ERROR_PATTERN.search(line) and "Possible" not in line and \
                 line != "Render failed":
+            # POV-Ray 3.7 breaks messages at 80 columns, even inside a
+            # word, and sometimes continues them on indented lines.
+            previous = raw_lines[index]
+            for following in raw_lines[index + 1:index + 4]:
+                if len(previous) >= POVRAY_LINE_WIDTH - 1:
+                    line += following.strip()
+                elif following[:1].isspace():
+                    line += " " + following.strip()
+                else:
+                    break
+                previous = following
             return line
     report = [line.strip() for line in error_file_text.splitlines()
               if line.strip()]

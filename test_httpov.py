@@ -5,6 +5,7 @@ or Pillow skip without them, unless HTTPOV_CI=1 is set (as .ci/run
 does), which turns a missing tool into a failure.
 """
 
+import io
 import types
 import json
 import os
@@ -20,7 +21,9 @@ import tempfile
 import threading
 import time
 import unittest
+import http.client
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
@@ -837,7 +840,8 @@ def run_cli(*arguments, env=None, timeout=300):
 class ServerProcess:
     """A real ``httpov.py serve`` on a free loopback port."""
 
-    def __init__(self, data_dir, lease=10, extra=(), port=0):
+    def __init__(self, data_dir, lease=10, extra=(), port=0,
+                 scheme="http"):
         self.data_dir = data_dir
         self.log_path = os.path.join(os.path.dirname(data_dir),
                                      "server.log")
@@ -857,7 +861,7 @@ class ServerProcess:
             raise RuntimeError("serve did not start on port %d: %r (see %s)"
                                % (port, first_line, self.log_path))
         self.port = int(match.group(1))
-        self.url = "http://127.0.0.1:%d/" % self.port
+        self.url = "%s://127.0.0.1:%d/" % (scheme, self.port)
         with open(os.path.join(data_dir, "tokens.json")) as source:
             tokens = json.load(source)
         self.admin = tokens["admin"]
@@ -1624,6 +1628,672 @@ class RenderCommandTest(unittest.TestCase):
         result = run_cli("render", "/nonexistent/scene.pov")
         self.assertEqual(result.returncode, 1)
         self.assertIn("no such file", result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# 6. Hostile input: archives, options, requests, slow clients, fuzzing
+# ---------------------------------------------------------------------------
+
+def zip_bytes(members, compression=zipfile.ZIP_STORED):
+    """Return a zip archive as bytes from (name or ZipInfo, data) pairs."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for member, data in members:
+            archive.writestr(member, data)
+    return buffer.getvalue()
+
+
+def special_member(name, file_type):
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (file_type | 0o644) << 16
+    return info
+
+
+def encrypted_zip():
+    """Return a zip whose member has the 'encrypted' flag set."""
+    data = bytearray(zip_bytes([("secret.pov", b"sphere{0,1}")]))
+    local = data.find(b"PK\x03\x04")
+    central = data.find(b"PK\x01\x02")
+    data[local + 6] |= 1
+    data[central + 8] |= 1
+    return bytes(data)
+
+
+def binary_digits(count, seed=5):
+    """Return text of random 0s and 1s: it deflates only about 7:1."""
+    generator = __import__("random").Random(seed)
+    return bytes(generator.choice(b"01") for _ in range(count))
+
+
+GOOD_SCENE = [("s.pov", SPHERE_SCENE)]
+ANIMATED_SCENE = [("a.ini", b"Input_File_Name=a.pov\nFinal_Frame=10\n"),
+                  ("a.pov", SPHERE_SCENE)]
+
+
+def hostile_archives():
+    """(case, zip bytes, query, status, message) for job uploads."""
+    many = [("f%05d.inc" % number, b"") for number in range(10001)]
+    return [
+        ("absolute path", zip_bytes([("/etc/x.pov", b"")]), "", 400,
+         "absolute path"),
+        ("dot-dot", zip_bytes([("../x.pov", b"")]), "", 400, "'..'"),
+        ("nested dot-dot", zip_bytes([("a/../../x.pov", b"")]), "", 400,
+         "'..'"),
+        ("drive letter", zip_bytes([("C:/x.pov", b"")]), "", 400,
+         "absolute path"),
+        ("backslash", zip_bytes([("a\\x.pov", b"")]), "", 400,
+         "backslashes"),
+        ("symlink", zip_bytes([(special_member("l.pov", stat.S_IFLNK),
+                                "/etc/passwd")]), "", 400,
+         "symbolic link"),
+        ("device file", zip_bytes([(special_member("d.pov", stat.S_IFCHR),
+                                    "")]), "", 400, "device, pipe"),
+        ("fifo", zip_bytes([(special_member("p.pov", stat.S_IFIFO), "")]),
+         "", 400, "device, pipe"),
+        ("duplicate names", zip_bytes([("a.pov", b"1"), ("A.pov", b"2")]),
+         "", 400, "twice"),
+        ("file and folder", zip_bytes([("a", b""), ("a/b.pov", b"")]), "",
+         400, "both as a file and as a folder"),
+        ("too many files", zip_bytes(many), "", 400, "more than the limit"),
+        ("too large unpacked",
+         zip_bytes([("big.inc", binary_digits(5 << 20))] + GOOD_SCENE,
+                   zipfile.ZIP_DEFLATED), "", 413, "unpacks to"),
+        ("zip bomb", zip_bytes([("z.inc", bytes(3 << 20))] + GOOD_SCENE,
+                               zipfile.ZIP_DEFLATED), "", 400, "zip bomb"),
+        ("encrypted", encrypted_zip(), "", 400, "encrypted"),
+        ("not a zip", b"this is not a zip", "", 400, "not a valid zip"),
+        ("empty archive", zip_bytes([]), "", 400, "empty"),
+        ("no scene", zip_bytes([("readme.txt", b"")]), "", 400,
+         "no .ini or .pov"),
+        ("missing scene", zip_bytes([("j.ini", b"Input_File_Name=x.pov\n"),
+                                     ("y.txt", b"")]), "", 400,
+         "'x.pov' not found"),
+        ("two scenes", zip_bytes([("a.pov", b""), ("b.pov", b"")]), "",
+         400, "several scene files"),
+        ("shell command in ini",
+         zip_bytes([("j.ini", b"Input_File_Name=s.pov\n"
+                              b"Post_Frame_Command=rm -rf /\n")] +
+                   GOOD_SCENE), "", 400, "runs a shell command"),
+        ("stream file in ini",
+         zip_bytes([("j.ini", b"Input_File_Name=s.pov\n"
+                              b"Debug_File=/tmp/httpov-owned.txt\n")] +
+                   GOOD_SCENE), "", 400, "httpov-owned.txt"),
+        ("scene outside job",
+         zip_bytes([("j.ini", b"Input_File_Name=../../etc/x.pov\n")] +
+                   GOOD_SCENE), "", 400, "'..'"),
+        ("rows in ini",
+         zip_bytes([("j.ini", b"Input_File_Name=s.pov\nStart_Row=5\n")] +
+                   GOOD_SCENE), "", 400, "Start Row"),
+        ("garbage ini",
+         zip_bytes([("j.ini", b"\x00\xff junk words\n")] + GOOD_SCENE), "",
+         400, "neither a setting nor a switch"),
+    ]
+
+
+def hostile_options():
+    """(case, zip bytes, query, status, message) for job options."""
+    good = zip_bytes(GOOD_SCENE)
+    animated = zip_bytes(ANIMATED_SCENE)
+    return [
+        ("frames not numeric", animated, "frames=abc", 400,
+         "invalid frame range"),
+        ("frames reversed", animated, "frames=5-2", 400,
+         "comes before the first"),
+        ("frames out of range", animated, "frames=1-99", 400,
+         "the animation has frames 1-10"),
+        ("frames on a still", good, "frames=1-2", 400, "not an animation"),
+        ("zero slices", good, "slices=0", 400, "must be at least 1"),
+        ("negative slices", good, "slices=-3", 400, "must be at least 1"),
+        ("too many slices", good, "slices=601", 400, "at most 600"),
+        ("rows not numeric", good, "rows_per_slice=abc", 400,
+         "expected a whole number"),
+        ("slices and rows", good, "slices=2&rows_per_slice=64", 400,
+         "not both"),
+        ("zero frames per task", animated, "frames_per_task=0", 400,
+         "must be at least 1"),
+        ("negative max workers", good, "max_workers=-1", 400,
+         "must be at least 0"),
+        ("huge priority", good, "priority=99999999999", 400,
+         "must be at most"),
+        ("control character in name", good, "name=a%0Ab", 400,
+         "invalid job name"),
+        ("unknown scene option", good, "scene=other.pov", 400,
+         "'other.pov' not found"),
+        ("width over limit", good, "option=%2BW100000", 400,
+         "must be 1 to 32768"),
+        ("negative height", good, "option=%2BH-5", 400, "must be 1 to"),
+        ("too many pixels", good, "option=%2BW20000&option=%2BH20000",
+         400, "too large"),
+        ("shell command option", good,
+         "option=Pre_Scene_Command%3Dtouch%20/tmp/httpov-owned", 400,
+         "runs a shell command"),
+        ("output path option", good, "option=%2BO/tmp/httpov-owned.png",
+         400, "set by the farm"),
+        ("stream file option", good, "option=%2BGF/tmp/httpov-owned.txt",
+         400, "writes POV-Ray's output to the file"),
+        ("create ini option", good, "option=%2BGI/tmp/httpov-owned.ini",
+         400, "writes POV-Ray's output to the file"),
+        ("include header outside", good, "option=%2BHI/etc/passwd", 400,
+         "absolute path"),
+        ("include header missing", good, "option=%2BHImissing.inc", 400,
+         "not found in the job"),
+        ("start row option", good, "option=%2BSR5", 400, "set by the farm"),
+        ("subset frame option", animated, "option=%2BSF2", 400,
+         "--frames"),
+        ("bare word option", good, "option=scene", 400,
+         "expected a switch"),
+        ("option with newline", good, "option=%2BW10%0A%2BH10", 400,
+         "line break"),
+        ("reversed animation", good, "option=%2BKFI9&option=%2BKFF2", 400,
+         "comes before"),
+    ]
+
+
+@needs_povray
+class HostileInputTest(unittest.TestCase):
+    """Each hostile input gets an exact status and a message naming the
+    problem; the server goes on serving and writes only in its data."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.folder = make_temp_dir(prefix="httpov-hostile-")
+        cls.server = ServerProcess(os.path.join(cls.folder, "data"),
+                                   extra=["--max-job-mib", "1"])
+        cls.before = cls.snapshot()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    @classmethod
+    def snapshot(cls):
+        """List every file outside the data folder that a test could see."""
+        files = set()
+        for folder, subfolders, names in os.walk(cls.folder):
+            if folder.startswith(cls.server.data_dir):
+                continue
+            files.update(os.path.join(folder, name) for name in names)
+        files.update(name for name in os.listdir(tempfile.gettempdir())
+                     if name.startswith("httpov-owned"))
+        return files
+
+    def request(self, method, path, body=b"", headers=None,
+                token="admin"):
+        """Send one raw request; return (status, decoded JSON or text)."""
+        connection = http.client.HTTPConnection("127.0.0.1",
+                                                self.server.port,
+                                                timeout=30)
+        all_headers = {"Content-Length": str(len(body))}
+        if token:
+            all_headers["Authorization"] = "Bearer " + {
+                "admin": self.server.admin, "worker": self.server.worker
+            }.get(token, token)
+        all_headers.update(headers or {})
+        try:
+            connection.putrequest(method, path, skip_accept_encoding=True)
+            for name, value in all_headers.items():
+                if value is not None:
+                    connection.putheader(name, value)
+            connection.endheaders(body)
+            response = connection.getresponse()
+            data = response.read().decode("utf-8", "replace")
+        finally:
+            connection.close()
+        try:
+            return response.status, json.loads(data)["error"]
+        except (ValueError, KeyError, TypeError):
+            return response.status, data
+
+    def check_table(self, table):
+        self.assertGreater(len(table), 0)
+        for case, body, query, status, message in table:
+            with self.subTest(case=case):
+                got_status, error = self.request("POST",
+                                                 "/api/jobs?" + query, body)
+                self.assertEqual(got_status, status, error)
+                self.assertIn(message, error)
+
+    def test_hostile_archives(self):
+        self.check_table(hostile_archives())
+
+    def test_hostile_job_options(self):
+        self.check_table(hostile_options())
+
+    def test_hostile_requests(self):
+        client = httpov.ApiClient(self.server.url, self.server.worker)
+        self.addCleanup(client.close)
+        worker = client.call("POST", "/api/workers", {"name": "h"})["worker"]
+        table = [
+            ("malformed JSON", "POST", "/api/claim", b"{nope", {}, "worker",
+             400, "not valid JSON"),
+            ("JSON array", "POST", "/api/claim", b"[1]", {}, "worker", 400,
+             "must be a JSON object"),
+            ("worker id as string", "POST", "/api/claim",
+             b'{"worker": "1"}', {}, "worker", 400,
+             "invalid field 'worker'"),
+            ("missing worker id", "POST", "/api/claim", b"{}", {}, "worker",
+             400, "missing field 'worker'"),
+            ("unknown worker", "POST", "/api/claim", b'{"worker": 999}', {},
+             "worker", 404, "worker 999 not found"),
+            ("progress as string", "POST", "/api/tasks/1/heartbeat",
+             json.dumps({"attempt": "a", "worker": worker,
+                         "progress": "x"}).encode(), {}, "worker", 400,
+             "invalid field 'progress'"),
+            ("heartbeat unknown task", "POST", "/api/tasks/424242/heartbeat",
+             json.dumps({"attempt": "a", "worker": worker}).encode(), {},
+             "worker", 409, "no longer exists"),
+            ("result without attempt", "POST", "/api/tasks/1/result", b"x",
+             {}, "worker", 400, "missing attempt"),
+            ("unknown job", "GET", "/api/jobs/999", b"", {}, "admin", 404,
+             "job 999 not found"),
+            ("huge job id", "GET", "/api/jobs/99999999999999999999999", b"",
+             {}, "admin", 404, "no such page"),
+            ("huge task id", "POST", "/api/tasks/9223372036854775808/fail",
+             b"{}", {}, "worker", 404, "no such page"),
+            ("wrong method", "PUT", "/api/jobs", b"", {}, "admin", 405,
+             "not allowed"),
+            ("unknown method", "BREW", "/", b"", {}, "admin", 501,
+             "Unsupported method"),
+            ("archive traversal", "GET", "/api/archives/../tokens.json", b"",
+             {}, "worker", 404, "no such page"),
+            ("encoded traversal", "GET", "/api/archives/%2e%2e%2ftokens.json",
+             b"", {}, "worker", 404, "no such page"),
+            ("frame traversal", "GET", "/api/jobs/1/frames/../../x.png", b"",
+             {}, "admin", 404, "no such page"),
+            ("dot-dot root", "GET", "/../../etc/passwd", b"", {}, "admin",
+             404, "no such page"),
+            ("unknown archive", "GET", "/api/archives/" + "0" * 64 + ".zip",
+             b"", {}, "worker", 404, "not found"),
+            ("upload over limit", "POST", "/api/jobs", b"x" * (2 << 20), {},
+             "admin", 413, "larger than the limit"),
+            ("missing length", "POST", "/api/jobs", b"",
+             {"Content-Length": None}, "admin", 411,
+             "missing Content-Length"),
+            ("negative length", "POST", "/api/claim", b"",
+             {"Content-Length": "-5"}, "worker", 400,
+             "invalid Content-Length"),
+            ("huge headers", "GET", "/api/jobs", b"",
+             {"X-Padding": "a" * 20000}, "admin", 431, "headers are larger"),
+            ("no token", "GET", "/api/jobs", b"", {}, None, 401,
+             "missing token"),
+            ("wrong token", "GET", "/api/jobs", b"", {}, "bad", 401,
+             "invalid token"),
+            ("worker token on admin call", "GET", "/api/jobs", b"", {},
+             "worker", 401, "needs the admin token"),
+            ("admin call with cookie POST", "POST", "/api/jobs/1/cancel",
+             b"", {"Cookie": "httpov_session=x"}, None, 401,
+             "missing token"),
+        ]
+        self.assertGreater(len(table), 20)
+        for case, method, path, body, headers, token, status, message in \
+                table:
+            with self.subTest(case=case):
+                got_status, error = self.request(method, path, body,
+                                                 headers, token)
+                self.assertEqual(got_status, status, error)
+                self.assertIn(message, error)
+
+    def test_truncated_upload_leaves_no_file(self):
+        connection = socket.create_connection(("127.0.0.1",
+                                               self.server.port))
+        connection.sendall(b"POST /api/jobs HTTP/1.1\r\nAuthorization: "
+                           b"Bearer " + self.server.admin.encode() +
+                           b"\r\nContent-Length: 100000\r\n\r\nPK")
+        connection.close()
+        deadline = time.time() + 10
+        temp = os.path.join(self.server.data_dir, "tmp")
+        while os.listdir(temp) and time.time() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(os.listdir(temp), [])
+
+    def test_slow_client_cut_off(self):
+        connection = socket.create_connection(("127.0.0.1",
+                                               self.server.port))
+        self.addCleanup(connection.close)
+        connection.sendall(b"GET /api/jobs HTTP/1.1\r\n")
+        connection.settimeout(httpov.HEADER_TIMEOUT_SECONDS + 10)
+        started = time.time()
+        self.assertEqual(connection.recv(100), b"",
+                         "the server closes a connection that sends no "
+                         "headers")
+        self.assertLess(time.time() - started,
+                        httpov.HEADER_TIMEOUT_SECONDS + 5)
+        status, _ = self.request("GET", "/api/jobs")
+        self.assertEqual(status, 200)
+
+    def test_names_are_escaped_on_status_page(self):
+        name = "<script>alert('x')</script> \"quoted\" caf\u00e9 \u6f22"
+        query = urllib.parse.urlencode({"name": name})
+        status, error = self.request("POST", "/api/jobs?" + query,
+                                     zip_bytes(GOOD_SCENE))
+        self.assertEqual(status, 201, error)
+        connection = http.client.HTTPConnection("127.0.0.1",
+                                                self.server.port)
+        connection.request("GET", "/", headers={
+            "Authorization": "Bearer " + self.server.admin})
+        response = connection.getresponse()
+        page = response.read().decode()
+        connection.close()
+        self.assertNotIn("<script>", page)
+        self.assertIn("&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;",
+                      page)
+        self.assertIn("&quot;quoted&quot; caf\u00e9 \u6f22", page)
+        self.assertIn("default-src 'none'",
+                      response.getheader("Content-Security-Policy"))
+        self.assertEqual(response.getheader("X-Content-Type-Options"),
+                         "nosniff")
+
+    def test_zz_server_alive_and_nothing_outside_data(self):
+        status, _ = self.request("GET", "/api/jobs")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.snapshot(), self.before)
+        self.assertIsNone(self.server.process.poll())
+
+
+@needs_povray
+class FuzzTest(unittest.TestCase):
+    """Random requests on loopback: no 500, and the server survives."""
+
+    REQUESTS = 600
+    SECONDS = 60
+
+    def test_random_requests(self):
+        import random
+        generator = random.Random(1234)
+        folder = make_temp_dir(prefix="httpov-fuzz-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        server = ServerProcess(os.path.join(folder, "data"))
+        self.addCleanup(server.stop)
+        methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD",
+                   "OPTIONS", "BREW", "get"]
+        segments = ["api", "jobs", "tasks", "workers", "claim", "archives",
+                    "frames", "1", "0", "-1", "99999999999999999999", "..",
+                    "%2e%2e", "%00", "x.png", "1.png", "result", "fail",
+                    "heartbeat", "release", "pause", "delete", "retry",
+                    "\u00e9", "a" * 300, "", "?token=x", "?attempt=",
+                    "0" * 64 + ".zip"]
+        bodies = [b"", b"{}", b"[]", b"null", b"{nope", b'{"worker": 1}',
+                  b'{"worker": "x", "attempt": 5}', b'{"progress": 1e999}',
+                  b'{"attempt": "a", "worker": 1, "progress": -1}',
+                  zip_bytes(GOOD_SCENE), b"PK\x03\x04garbage",
+                  bytes(generator.randrange(256) for _ in range(300))]
+        tokens = [None, server.admin, server.worker, "x", ""]
+        statuses = collections_counter()
+        deadline = time.time() + self.SECONDS
+        for number in range(self.REQUESTS):
+            if time.time() > deadline:
+                break
+            method = generator.choice(methods)
+            path = "/" + "/".join(generator.choice(segments) for _ in
+                                  range(generator.randrange(0, 6)))
+            body = generator.choice(bodies)
+            headers = {"Content-Length": str(len(body))}
+            token = generator.choice(tokens)
+            if token is not None:
+                headers["Authorization"] = "Bearer " + token
+            if generator.random() < 0.2:
+                headers["Content-Type"] = generator.choice(
+                    ["application/json", "text/html", "\u00ff", "x" * 500])
+            if generator.random() < 0.1:
+                headers["Cookie"] = "httpov_session=" + generator.choice(
+                    ["", "x", server.admin])
+            connection = http.client.HTTPConnection(
+                "127.0.0.1", server.port, timeout=30)
+            try:
+                connection.putrequest(method, urllib.parse.quote(
+                    path, safe="/%?=&.-"),
+                                      skip_host=True,
+                                      skip_accept_encoding=True)
+                for name, value in headers.items():
+                    connection.putheader(name, value.encode("utf-8"))
+                connection.endheaders(body)
+                response = connection.getresponse()
+                response.read()
+                statuses[response.status] += 1
+            except (http.client.HTTPException, OSError) as error:
+                statuses[type(error).__name__] += 1
+            finally:
+                connection.close()
+        self.assertNotIn(500, statuses, dict(statuses))
+        self.assertGreater(sum(statuses.values()), 100)
+        self.assertIsNone(server.process.poll(), "the server crashed")
+        client = server.client()
+        self.addCleanup(client.close)
+        self.assertIn("jobs", client.call("GET", "/api/jobs"))
+        with open(server.log_path) as source:
+            self.assertNotIn("Traceback", source.read())
+
+
+def collections_counter():
+    import collections
+    return collections.Counter()
+
+
+# ---------------------------------------------------------------------------
+# 6. Tokens, TLS and the status page login
+# ---------------------------------------------------------------------------
+
+def make_certificate(folder):
+    """Make a self-signed certificate for 127.0.0.1; return its paths."""
+    cert = os.path.join(folder, "cert.pem")
+    key = os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   check=True)
+    return cert, key
+
+
+@needs_povray
+class TlsTest(unittest.TestCase):
+
+    def setUp(self):
+        self.assertTrue(shutil.which("openssl"), "openssl is required")
+        self.folder = make_temp_dir(prefix="httpov-tls-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.cert, key = make_certificate(self.folder)
+        self.server = ServerProcess(os.path.join(self.folder, "data"),
+                                    extra=["--tls-cert", self.cert,
+                                           "--tls-key", key],
+                                    scheme="https")
+        self.addCleanup(self.server.stop)
+
+    def test_worker_with_cacert_renders(self):
+        scene = os.path.join(self.folder, "ball.pov")
+        with open(scene, "wb") as out:
+            out.write(SPHERE_SCENE)
+        result = run_cli("submit", self.server.url, scene, "--token",
+                         self.server.admin, "--cacert", self.cert, "--",
+                         "+W48", "+H36")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        job_id = int(result.stdout)
+        result = run_cli("work", self.server.url, "--token",
+                         self.server.worker, "--cacert", self.cert,
+                         "--once", "--workdir",
+                         os.path.join(self.folder, "w"), timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        client = httpov.ApiClient(self.server.url, self.server.admin,
+                                  cacert=self.cert)
+        self.addCleanup(client.close)
+        job = wait_for_job(client, job_id, 30)
+        self.assertEqual(job["state"], "done", job["error"])
+
+    def test_worker_without_cacert_refuses(self):
+        result = run_cli("work", self.server.url, "--token",
+                         self.server.worker, "--workdir",
+                         os.path.join(self.folder, "w"), timeout=60)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", result.stderr)
+        self.assertIn("--cacert", result.stderr)
+
+    def test_insecure_skips_check(self):
+        result = run_cli("status", self.server.url, "--token",
+                         self.server.admin, "--insecure")
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_plain_http_to_tls_server_fails(self):
+        plain = self.server.url.replace("https://", "http://")
+        result = run_cli("status", plain, "--token", self.server.admin)
+        self.assertEqual(result.returncode, 1)
+
+
+class TokenTest(unittest.TestCase):
+
+    def setUp(self):
+        self.folder = make_temp_dir(prefix="httpov-token-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+
+    def test_rotate_replaces_tokens_of_running_server(self):
+        server = ServerProcess(os.path.join(self.folder, "data"))
+        self.addCleanup(server.stop)
+        old_client = server.client()
+        self.addCleanup(old_client.close)
+        old_client.call("GET", "/api/jobs")
+        result = run_cli("token", "--rotate", "--data", server.data_dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = dict(line.split() for line in result.stdout.splitlines())
+        self.assertNotEqual(lines["admin"], server.admin)
+        self.assertNotEqual(lines["worker"], server.worker)
+        with self.assertRaises(httpov.ApiError) as caught:
+            old_client.call("GET", "/api/jobs")
+        self.assertEqual(caught.exception.status, 401)
+        new_client = httpov.ApiClient(server.url, lines["admin"])
+        self.addCleanup(new_client.close)
+        self.assertIn("jobs", new_client.call("GET", "/api/jobs"))
+
+    def test_tokens_never_logged(self):
+        server = ServerProcess(os.path.join(self.folder, "data"),
+                               extra=["-v"])
+        self.addCleanup(server.stop)
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor())
+        opener.open(server.url + "?token=" + server.admin, timeout=10)
+        client = server.client()
+        self.addCleanup(client.close)
+        client.call("GET", "/api/jobs")
+        server.stop()
+        with open(server.log_path) as source:
+            text = source.read()
+        self.assertNotIn(server.admin, text)
+        self.assertNotIn(server.worker, text)
+
+    def test_public_status_page(self):
+        server = ServerProcess(os.path.join(self.folder, "data"),
+                               extra=["--public-status"])
+        self.addCleanup(server.stop)
+        page = urllib.request.urlopen(server.url, timeout=10)
+        self.assertEqual(page.status, 200)
+        jobs = urllib.request.urlopen(server.url + "api/jobs", timeout=10)
+        self.assertEqual(jobs.status, 200)
+        request = urllib.request.Request(server.url + "api/jobs/1/cancel",
+                                         data=b"", method="POST")
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        self.assertEqual(caught.exception.code, 401)
+
+
+# ---------------------------------------------------------------------------
+# 8. Worker containment: render user, limits and the bubblewrap sandbox
+# ---------------------------------------------------------------------------
+
+ESCAPE_SCENE = b"""
+#fopen Out "../escape.txt" write
+#write (Out, "escaped")
+#fclose Out
+""" + SPHERE_SCENE
+
+READ_HOME_SCENE = b"""
+#fopen In "%s" read
+#read (In, Secret)
+#debug concat("SECRET ", Secret, "\\n")
+#fclose In
+""" + SPHERE_SCENE
+
+
+@needs_povray
+class SandboxTest(unittest.TestCase):
+
+    def setUp(self):
+        self.assertTrue(shutil.which("bwrap"), "bubblewrap is required "
+                        "(apt-get install bubblewrap)")
+        self.folder = make_temp_dir(prefix="httpov-sandbox-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.server = ServerProcess(os.path.join(self.folder, "data"))
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        self.home = os.path.join(self.folder, "home")
+        os.makedirs(self.home)
+        os.chmod(self.home, 0o755)
+        self.secret = os.path.join(self.home, "secret.txt")
+        with open(self.secret, "w") as out:
+            out.write('"top secret"')
+        os.chmod(self.secret, 0o644)
+
+    def run_job(self, scene_text, sandbox):
+        folder = os.path.join(self.folder, "job-" + sandbox)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "scene.pov"), "wb") as out:
+            out.write(scene_text)
+        result = run_cli("submit", self.server.url, folder, "--token",
+                         self.server.admin, "--", "+W32", "+H24")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        job_id = int(result.stdout)
+        environment = dict(os.environ, HOME=self.home)
+        workdir = os.path.join(self.folder, "w-" + sandbox)
+        result = run_cli("work", self.server.url, "--token",
+                         self.server.worker, "--workdir", workdir,
+                         "--sandbox", sandbox, "--once", env=environment,
+                         timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        tasks = self.client.call("GET", "/api/jobs/%d" % job_id)
+        return tasks, workdir
+
+    def escaped_files(self):
+        found = []
+        for folder, _, names in os.walk(self.folder):
+            found.extend(os.path.join(folder, name) for name in names
+                         if name == "escape.txt")
+        return found
+
+    def test_sandbox_blocks_write_outside_task(self):
+        job, _ = self.run_job(ESCAPE_SCENE, "bwrap")
+        self.assertEqual(job["tasks_done"], 0)
+        self.assertIn("escape.txt", self.task_error(job["id"]))
+        self.assertEqual(self.escaped_files(), [])
+
+    def test_sandbox_blocks_reading_home(self):
+        scene = READ_HOME_SCENE % self.secret.encode()
+        job, _ = self.run_job(scene, "bwrap")
+        self.assertEqual(job["tasks_done"], 0)
+        error = self.task_error(job["id"])
+        self.assertIn("secret.txt", error)
+
+    def test_without_sandbox_home_is_readable(self):
+        # The same scene reads the file when nothing confines it, so the
+        # sandbox test above fails if the sandbox stops working.
+        scene = READ_HOME_SCENE % self.secret.encode()
+        job, _ = self.run_job(scene, "none")
+        self.assertEqual(job["tasks_done"], 1)
+
+    def task_error(self, job_id):
+        tasks = self.client.call("GET", "/api/jobs/%d/tasks" % job_id)
+        return tasks["tasks"][0]["error"] or ""
+
+    def test_render_as_root_refused(self):
+        if os.geteuid() != 0:
+            self.skipTest("only root is refused")
+        environment = dict(os.environ)
+        environment.pop("HTTPOV_USER", None)
+        result = run_cli("work", self.server.url, "--token",
+                         self.server.worker, "--workdir",
+                         os.path.join(self.folder, "w-root"),
+                         env=environment, timeout=30)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("refusing to render as root", result.stderr)
 
 
 # ---------------------------------------------------------------------------
