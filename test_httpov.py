@@ -59,6 +59,15 @@ def needs_povray(test):
     return unittest.skip("POV-Ray is not installed")(test)
 
 
+def needs_tool(name):
+    """Skip a test without the program ``name``, or fail it in CI."""
+    def decorate(test):
+        if shutil.which(name) or IN_CI:
+            return test
+        return unittest.skip("%s is not installed" % name)(test)
+    return decorate
+
+
 def needs_pillow(test):
     if Image is not None or IN_CI:
         return test
@@ -2088,6 +2097,7 @@ def make_certificate(folder):
 
 
 @needs_povray
+@needs_tool("openssl")
 class TlsTest(unittest.TestCase):
 
     def setUp(self):
@@ -2214,6 +2224,7 @@ READ_HOME_SCENE = b"""
 
 
 @needs_povray
+@needs_tool("bwrap")
 class SandboxTest(unittest.TestCase):
 
     def setUp(self):
