@@ -124,6 +124,9 @@ MAX_COMPRESSION_RATIO = 200       # unpacked/packed size that means a bomb
 MAX_IMAGE_SIDE = 32768            # pixels: width or height of a frame
 MAX_PIXELS = 1 << 28              # pixels in one frame (16384 x 16384)
 MAX_FRAMES = 1000000              # frames in one job
+PREVIEW_FRAMES = 16               # frames handed out first, spread evenly
+DEFAULT_TARGET_TASK_SECONDS = 30  # adaptive tasks grow toward this
+MAX_MERGED_FRAMES = 1000          # frames in one adaptive task
 MAX_TASKS = 2000000               # tasks in one job
 MAX_LOG_BYTES = 64 * 1024         # tail of POV-Ray's output kept per task
 MAX_POVRAY_OPTIONS = 100          # POV-Ray options given at submit
@@ -727,19 +730,42 @@ def plan_slices(height, block_size, slices=None, rows_per_slice=None):
             for first in range(1, height + 1, rows)]
 
 
+def preview_order(first_frame, last_frame, preview=PREVIEW_FRAMES):
+    """Yield the frames in the order they are handed out.
+
+    Every Nth frame comes first, so that the first finished frames give a
+    preview of the whole animation, then the others in order.
+    """
+    count = last_frame - first_frame + 1
+    stride = max(1, -(-count // preview))
+    early = range(first_frame, last_frame + 1, stride)
+    for frame in early:
+        yield frame
+    for frame in range(first_frame, last_frame + 1):
+        if (frame - first_frame) % stride:
+            yield frame
+
+
 def plan_tasks(first_frame, last_frame, row_ranges, frames_per_task):
     """Yield (frame_first, frame_last, row_first, row_last) for each task.
 
-    Sliced jobs get one task per slice of each frame, frames in order and
-    slices top to bottom. Other jobs get runs of ``frames_per_task``.
+    Sliced jobs get one task per slice of each frame, slices top to
+    bottom. Jobs with ``frames_per_task`` 0 (adaptive) get one task per
+    frame, which the server merges into longer runs as it learns how
+    long frames take. Both hand out frames in preview order. Other jobs
+    get runs of ``frames_per_task`` frames, in order.
     """
     if len(row_ranges) > 1:
-        for frame in range(first_frame, last_frame + 1):
+        for frame in preview_order(first_frame, last_frame):
             for row_first, row_last in row_ranges:
                 yield frame, frame, row_first, row_last
         return
     row_first, row_last = row_ranges[0]
-    step = max(int(frames_per_task), 1)
+    if not frames_per_task:
+        for frame in preview_order(first_frame, last_frame):
+            yield frame, frame, row_first, row_last
+        return
+    step = int(frames_per_task)
     for start in range(first_frame, last_frame + 1, step):
         yield start, min(start + step - 1, last_frame), row_first, row_last
 
@@ -820,10 +846,12 @@ def prepare_job(archive_path, options, max_unpacked=MAX_UNPACKED_BYTES):
                                    MAX_IMAGE_SIDE)
     row_ranges = plan_slices(settings["height"], settings["block_size"],
                              slices, rows_per_slice)
-    frames_per_task = parse_int(options.get("frames_per_task") or 1,
-                                "frames per task", 1, MAX_FRAMES)
+    frames_per_task = 0
+    if options.get("frames_per_task") is not None:
+        frames_per_task = parse_int(options["frames_per_task"],
+                                    "frames per task", 1, MAX_FRAMES)
     task_count = (last - first + 1) * len(row_ranges)
-    if len(row_ranges) == 1:
+    if len(row_ranges) == 1 and frames_per_task:
         task_count = -(-(last - first + 1) // frames_per_task)
     if task_count > MAX_TASKS:
         raise UserError("job would have %d tasks, more than the limit of "
@@ -1326,6 +1354,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     tasks_done INTEGER NOT NULL DEFAULT 0,
     frame_count INTEGER NOT NULL,
     frames_done INTEGER NOT NULL DEFAULT 0,
+    adaptive INTEGER NOT NULL DEFAULT 0,    -- merge frames into tasks
+    render_seconds REAL NOT NULL DEFAULT 0, -- of accepted whole frames
+    frames_rendered INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     created REAL NOT NULL,
     started REAL,
@@ -1398,12 +1429,14 @@ class Database:
     """
 
     def __init__(self, path, busy_seconds=SQLITE_BUSY_SECONDS,
-                 lease_seconds=DEFAULT_LEASE_SECONDS):
+                 lease_seconds=DEFAULT_LEASE_SECONDS,
+                 target_task_seconds=DEFAULT_TARGET_TASK_SECONDS):
         import sqlite3     # imported here: workers must run without it
         self.sqlite3 = sqlite3
         self.path = path
         self.busy_seconds = busy_seconds
         self.lease_seconds = lease_seconds
+        self.target_task_seconds = target_task_seconds
         self.local = threading.local()
         connection = self.connection()
         connection.executescript(SCHEMA)
@@ -1453,15 +1486,16 @@ class Database:
                 "INSERT INTO jobs (name, state, priority, max_workers,"
                 " max_attempts, archive, root, ini, settings,"
                 " povray_options, first_frame, last_frame, row_ranges,"
-                " task_count, frame_count, created)"
+                " task_count, frame_count, created, adaptive)"
                 " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?)",
+                " ?, ?, ?, ?)",
                 (plan["name"], plan["priority"], plan["max_workers"],
                  max_attempts, archive_sha, plan["root"], plan["ini"],
                  json.dumps(settings), json.dumps(plan["povray_options"]),
                  plan["first_frame"], plan["last_frame"],
                  json.dumps(plan["row_ranges"]), plan["task_count"],
-                 frame_count, now))
+                 frame_count, now,
+                 int(not plan["sliced"] and not plan["frames_per_task"])))
             job_id = cursor.lastrowid
             tasks = plan_tasks(plan["first_frame"], plan["last_frame"],
                                plan["row_ranges"], plan["frames_per_task"])
@@ -1693,6 +1727,8 @@ class Database:
                         (job["id"],)).fetchone()
                 if task is None:
                     continue
+                self._merge_frames(db, job, task, busy.get(job["id"], 0),
+                                   now)
                 attempt = secrets.token_hex(16)
                 db.execute(
                     "UPDATE tasks SET state = 'leased', attempt = ?,"
@@ -1711,6 +1747,48 @@ class Database:
                                   (task["id"],)).fetchone()
                 return task, job
         return None
+
+    def _merge_frames(self, db, job, task, busy, now):
+        """Grow an adaptive job's task toward the target duration.
+
+        The task takes over the queued one-frame tasks that follow it,
+        as many as the measured seconds per frame allow, but no more
+        than a share of what is left, so that the last tasks of a job
+        stay short and every worker gets some.
+        """
+        if not job["adaptive"] or not job["frames_rendered"] or \
+                task["attempts"] or task["frame_first"] != task["frame_last"]:
+            return
+        per_frame = job["render_seconds"] / job["frames_rendered"]
+        wanted = int(self.target_task_seconds / max(per_frame, 0.001))
+        workers = db.execute("SELECT COUNT(*) FROM workers WHERE"
+                             " last_seen > ?",
+                             (now - self.lease_seconds,)).fetchone()[0]
+        left = job["task_count"] - job["tasks_done"] - busy
+        share = left // (2 * max(workers, 1))
+        count = min(wanted, share, MAX_MERGED_FRAMES)
+        if count < 2:
+            return
+        following = db.execute(
+            "SELECT id, frame_first FROM tasks WHERE job_id = ? AND"
+            " frame_first > ? AND frame_first <= ? AND state = 'queued'"
+            " AND attempts = 0 AND frame_last = frame_first"
+            " ORDER BY frame_first",
+            (job["id"], task["frame_first"],
+             task["frame_first"] + count - 1)).fetchall()
+        merged = []
+        for row in following:
+            if row["frame_first"] != task["frame_first"] + len(merged) + 1:
+                break
+            merged.append(row["id"])
+        if not merged:
+            return
+        db.executemany("DELETE FROM tasks WHERE id = ?",
+                       [(task_id,) for task_id in merged])
+        db.execute("UPDATE tasks SET frame_last = ? WHERE id = ?",
+                   (task["frame_first"] + len(merged), task["id"]))
+        db.execute("UPDATE jobs SET task_count = task_count - ?"
+                   " WHERE id = ?", (len(merged), job["id"]))
 
     def _worker_seen(self, db, worker_id, now):
         cursor = db.execute("UPDATE workers SET last_seen = ? WHERE id = ?",
@@ -1809,6 +1887,13 @@ class Database:
                        (seconds, task["worker_id"]))
             db.execute("UPDATE jobs SET tasks_done = tasks_done + 1"
                        " WHERE id = ?", (job["id"],))
+            if task["row_first"] == 1 and task["row_last"] == \
+                    json.loads(job["settings"])["height"]:
+                db.execute("UPDATE jobs SET render_seconds = render_seconds"
+                           " + ?, frames_rendered = frames_rendered + ?"
+                           " WHERE id = ?",
+                           (seconds, task["frame_last"] -
+                            task["frame_first"] + 1, job["id"]))
             complete = []
             for frame in range(task["frame_first"], task["frame_last"] + 1):
                 left = db.execute(
@@ -1964,7 +2049,8 @@ class Farm:
                  max_attempts=DEFAULT_MAX_ATTEMPTS,
                  busy_seconds=SQLITE_BUSY_SECONDS,
                  max_job_bytes=MAX_JOB_BYTES,
-                 max_result_bytes=MAX_RESULT_BYTES):
+                 max_result_bytes=MAX_RESULT_BYTES,
+                 target_task_seconds=DEFAULT_TARGET_TASK_SECONDS):
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         self.lock_file = lock_data_dir(self.data_dir)
@@ -1981,7 +2067,7 @@ class Farm:
         self.public_status = False
         self.reload_tokens()
         self.db = Database(self.path("httpov.sqlite3"), busy_seconds,
-                           lease_seconds)
+                           lease_seconds, target_task_seconds)
         self.stopping = threading.Event()
 
     def path(self, *parts):
@@ -3753,7 +3839,8 @@ class Worker:
         archive = os.path.join(self.workdir, "archives",
                                archive_sha + ".zip")
         if not os.path.exists(archive):
-            temp_path = archive + ".part-%d" % os.getpid()
+            temp_path = "%s.part-%d-%d" % (archive, os.getpid(),
+                                           threading.get_ident())
             delays = backoff_delays()
             while True:
                 try:
@@ -4039,6 +4126,10 @@ class Worker:
         rejected it, so results survive a server outage and a restart
         of the worker.
         """
+        with OUTBOX_LOCK:
+            self.deliver_outbox_locked()
+
+    def deliver_outbox_locked(self):
         outbox = os.path.join(self.workdir, "outbox")
         for name in sorted(os.listdir(outbox)):
             if not name.endswith(".json"):
@@ -4089,6 +4180,10 @@ class Worker:
                     return
             if self.stop_now.wait(delay):
                 raise TaskAbandoned("stopped before delivering")
+
+
+# Workers of one ``work --tasks N`` process share their outbox.
+OUTBOX_LOCK = threading.Lock()
 
 
 class Watchdog:
@@ -4353,7 +4448,8 @@ def command_serve(args):
                     max_attempts=args.max_attempts,
                     busy_seconds=args.busy_timeout,
                     max_job_bytes=args.max_job_mib * (1 << 20),
-                    max_result_bytes=args.max_result_mib * (1 << 20))
+                    max_result_bytes=args.max_result_mib * (1 << 20),
+                    target_task_seconds=args.target_task_seconds)
     except BaseException:
         server.server_close()
         raise
@@ -4417,14 +4513,21 @@ def find_povray(povray):
 
 
 def command_work(args):
+    """Run ``--tasks`` workers in one process; they split the threads."""
     find_povray(args.povray)
-    worker = Worker(args.url, token_from(args), name=args.name,
-                    group=args.group, povray=args.povray,
-                    threads=args.threads, workdir=args.workdir,
-                    once=args.once, max_task_seconds=args.max_task_time,
-                    stall_seconds=args.stall_timeout, cacert=args.cacert,
-                    insecure=args.insecure, user=args.user,
-                    sandbox=args.sandbox, memory_mib=args.memory_limit)
+    threads = args.threads or os.cpu_count() or 1
+    name = args.name or socket.gethostname()
+    workers = []
+    for slot in range(args.tasks):
+        workers.append(Worker(
+            args.url, token_from(args),
+            name=name if args.tasks == 1 else "%s-%d" % (name, slot + 1),
+            group=args.group, povray=args.povray,
+            threads=max(1, threads // args.tasks), workdir=args.workdir,
+            once=args.once, max_task_seconds=args.max_task_time,
+            stall_seconds=args.stall_timeout, cacert=args.cacert,
+            insecure=args.insecure, user=args.user, sandbox=args.sandbox,
+            memory_mib=args.memory_limit, console=args.tasks == 1))
     presses = [0]
 
     def on_interrupt(number, frame):
@@ -4432,16 +4535,28 @@ def command_work(args):
         if presses[0] == 1:
             sys.stderr.write("\nfinishing the current task; press Ctrl-C "
                              "again to stop now\n")
-            worker.stop()
         else:
             sys.stderr.write("\nstopping POV-Ray and giving the task back\n")
-            worker.stop(now=True)
+        for worker in workers:
+            worker.stop(now=presses[0] > 1)
 
     signal.signal(signal.SIGINT, on_interrupt)
     if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, lambda number, frame:
-                      worker.stop(now=True))
-    return worker.run()
+        signal.signal(signal.SIGTERM, lambda number, frame: [
+            worker.stop(now=True) for worker in workers])
+    if len(workers) == 1:
+        return workers[0].run()
+    results = []
+    threads = [threading.Thread(target=lambda worker=worker:
+                                results.append(worker.run()),
+                                name=worker.name, daemon=True)
+               for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.5)
+    return max(results or [1])
 
 
 def command_submit(args):
@@ -4700,7 +4815,8 @@ def add_job_options(parser):
                        "(rounded up to POV-Ray's render block size, 32)")
     group.add_argument("--frames-per-task", type=int, metavar="N",
                        dest="frames_per_task",
-                       help="frames in one task (default 1)")
+                       help="frames in one task (default: adaptive, "
+                       "growing toward the server's target task length)")
     group.add_argument("--max-workers", type=int, metavar="N",
                        dest="max_workers",
                        help="workers on this job at once (0: no limit)")
@@ -4787,6 +4903,11 @@ def build_parser():
                        default=MAX_RESULT_BYTES >> 20, metavar="MIB",
                        help="largest task result upload in MiB "
                        "(default %d)" % (MAX_RESULT_BYTES >> 20))
+    serve.add_argument("--target-task-seconds", type=seconds(1),
+                       default=DEFAULT_TARGET_TASK_SECONDS,
+                       dest="target_task_seconds", metavar="SECONDS",
+                       help="length that adaptive tasks grow toward "
+                       "(default %d)" % DEFAULT_TARGET_TASK_SECONDS)
     serve.add_argument("--tls-cert", metavar="FILE",
                        help="serve HTTPS with this PEM certificate (chain)")
     serve.add_argument("--tls-key", metavar="FILE",
@@ -4822,6 +4943,10 @@ def build_parser():
     work.add_argument("--workdir", metavar="DIR",
                       help="cache and scratch folder (default %s)"
                       % default_workdir())
+    work.add_argument("--tasks", type=positive_int, default=1, metavar="N",
+                      help="render N tasks at once, splitting the threads "
+                      "between them, to hide POV-Ray's start-up time "
+                      "(default 1)")
     work.add_argument("--once", action="store_true",
                       help="render at most one task, then exit")
     work.add_argument("--max-task-time", type=seconds(0),

@@ -260,6 +260,16 @@ class TaskPlanTest(unittest.TestCase):
         tasks = list(httpov.plan_tasks(5, 7, [(1, 240)], 1))
         self.assertEqual([task[0] for task in tasks], [5, 6, 7])
 
+    def test_preview_order_spreads_first_frames(self):
+        order = list(httpov.preview_order(1, 64, preview=4))
+        self.assertEqual(order[:4], [1, 17, 33, 49])
+        self.assertEqual(sorted(order), list(range(1, 65)))
+
+    def test_adaptive_plan_one_frame_each(self):
+        tasks = list(httpov.plan_tasks(1, 40, [(1, 10)], 0))
+        self.assertEqual(len(tasks), 40)
+        self.assertEqual([task[0] for task in tasks[:3]], [1, 4, 7])
+
     def test_sliced_animation(self):
         tasks = list(httpov.plan_tasks(1, 2, [(1, 32), (33, 50)], 5))
         self.assertEqual(tasks, [(1, 1, 1, 32), (1, 1, 33, 50),
@@ -725,6 +735,31 @@ class StorageTest(unittest.TestCase):
         self.assertIsNone(self.db.claim_task(self.worker, 100.0, 10))
         self.db.control_job(self.job_id, "resume", 100.0)
         self.assertIsNotNone(self.db.claim_task(self.worker, 100.0, 10))
+
+    def test_adaptive_tasks_grow_to_target(self):
+        plan = dict(self.plan, last_frame=200, task_count=200)
+        job_id = self.db.create_job(plan, "3" * 64, 2, 100.0)
+        self.db.control_job(self.job_id, "cancel", 100.0)
+        task, _ = self.db.claim_task(self.worker, 100.0, 60)
+        self.assertEqual(task["frame_first"], task["frame_last"])
+        self.db.accept_result(task["id"], task["attempt"], "", 101.0,
+                              lambda: None)
+        task, _ = self.db.claim_task(self.worker, 101.0, 60)
+        frames = task["frame_last"] - task["frame_first"] + 1
+        self.assertEqual(frames, 30, "one second a frame, 30 s target")
+        job = self.db.job(job_id)
+        self.assertEqual(job["task_count"], 200 - 29)
+
+    def test_fixed_frames_per_task_not_merged(self):
+        plan = dict(self.plan, last_frame=100, task_count=50,
+                    frames_per_task=2)
+        self.db.control_job(self.job_id, "cancel", 100.0)
+        self.db.create_job(plan, "4" * 64, 2, 100.0)
+        task, _ = self.db.claim_task(self.worker, 100.0, 60)
+        self.db.accept_result(task["id"], task["attempt"], "", 101.0,
+                              lambda: None)
+        task, _ = self.db.claim_task(self.worker, 101.0, 60)
+        self.assertEqual(task["frame_last"] - task["frame_first"], 1)
 
     def test_priority_and_max_workers(self):
         plan = dict(self.plan, priority=5, max_workers=1)
@@ -1492,7 +1527,8 @@ class OutboxTest(unittest.TestCase):
         scene = os.path.join(folder, "ball.pov")
         with open(scene, "wb") as out:
             out.write(SPHERE_SCENE)
-        options = ["+W320", "+H240", "+A0.05", "+R4"]
+        # About 4 s with one thread: the server is stopped mid-render.
+        options = ["+W480", "+H360", "+A0.0", "+R9"]
         result = run_cli("submit", server.url, scene, "--token",
                          server.admin, "--", *options)
         self.assertEqual(result.returncode, 0, result.stderr)
