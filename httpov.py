@@ -25,7 +25,7 @@ Task life cycle
     current. A result is accepted only after its PNGs have been checked.
 
 Storage
-    The data folder holds ``httpov.sqlite3`` (WAL mode), ``tokens.json``,
+    The data folder contains ``httpov.sqlite3`` (WAL mode), ``tokens.json``,
     job archives under ``archives/<sha256>.zip``, finished frames under
     ``frames/<job>/`` and slices waiting to be stitched under ``slices/``.
     Every file is written to ``tmp/`` first and renamed into place.
@@ -898,9 +898,9 @@ def frame_file_name(job_name, frame, settings):
 # ===========================================================================
 #
 # POV-Ray writes a partial render as a full-size image whose rows outside
-# the requested range are black, so a slice is cut to its rows on the
-# worker (or on the server, for uploads that were not cut) and stored as a
-# PNG of exactly those rows. Stitching then needs no pixel decoding: each
+# the requested range are black. So the worker cuts a slice to its rows
+# (the server does it for uploads that were not cut), and a slice is
+# stored as a PNG of exactly those rows. Stitching then needs no pixel decoding: each
 # PNG row is a filter byte plus filtered bytes that depend only on the row
 # itself and the row above. Only the first row of each slice refers to a
 # row of another image, so that one row is re-filtered and every other row
@@ -1752,9 +1752,9 @@ class Database:
         """Grow an adaptive job's task toward the target duration.
 
         The task takes over the queued one-frame tasks that follow it,
-        as many as the measured seconds per frame allow, but no more
-        than a share of what is left, so that the last tasks of a job
-        stay short and every worker gets some.
+        as many as the measured seconds per frame allow. It takes no
+        more than a share of what is left, so that the last tasks of a
+        job stay short and every worker gets some.
         """
         if not job["adaptive"] or not job["frames_rendered"] or \
                 task["attempts"] or task["frame_first"] != task["frame_last"]:
@@ -2520,7 +2520,7 @@ class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """A threading HTTP server (``ThreadingHTTPServer`` needs 3.7).
 
     It handles at most ``max_connections`` connections at once and
-    answers the next ones 503 at once. With ``tls_context`` it serves
+    responds 503 to the next ones. With ``tls_context`` it serves
     HTTPS; the TLS handshake runs in the connection's own thread, so a
     slow client cannot hold up the others.
     """
@@ -2681,8 +2681,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         server_log.debug("%s %s", self.address_string(), message)
 
     def send_error(self, code, message=None, explain=None):
-        """Answer errors found by http.server itself (a bad request line,
-        too many headers, an unknown method) with JSON like the API."""
+        """Send errors found by http.server itself (a bad request line,
+        too many headers, an unknown method) as JSON, like the API."""
         self.close_connection = True
         self.body_read = True
         text = message or http.HTTPStatus(code).phrase
@@ -3393,7 +3393,7 @@ def povray_command(povray, task, threads, output_base, error_file):
         command.append(task["ini"])
     command.extend(task["povray_options"])
     command.extend([
-        # The worker's POVINI holds no size, and POV-Ray's built-in
+        # The worker's POVINI sets no size, and POV-Ray's built-in
         # default (160x120) differs from the system INI's 800x600.
         "+W%d" % settings["width"], "+H%d" % settings["height"],
         "+I" + settings["input_file"],
@@ -4605,7 +4605,7 @@ def command_status(args):
 def command_fetch(args):
     client = client_from(args)
     fetched = set()
-    said_paused = False
+    paused_reported = False
     while True:
         job = client.call("GET", "/api/jobs/%d" % args.job)
         count = fetch_frames(client, job, args.output, fetched)
@@ -4614,10 +4614,10 @@ def command_fetch(args):
                      args.output)
         if not args.wait or job["state"] in FINAL_JOB_STATES:
             break
-        if job["state"] == "paused" and not said_paused:
+        if job["state"] == "paused" and not paused_reported:
             log.info("job %d is paused; waiting until it is resumed",
                      args.job)
-        said_paused = job["state"] == "paused"
+        paused_reported = job["state"] == "paused"
         time.sleep(FETCH_POLL_SECONDS)
     if len(fetched) == job["frames"]:
         print("job %d: all %d frames in %s" % (args.job, len(fetched),

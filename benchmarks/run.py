@@ -263,6 +263,15 @@ class ServeProcess:
         raise RuntimeError("/proc/%d/status has no %s line"
                            % (self.process.pid, field))
 
+    def cpu_seconds(self):
+        """Return the user plus system CPU time of the server process."""
+        with open("/proc/%d/stat" % self.process.pid) as source:
+            fields = source.read().rsplit(")", 1)[1].split()
+        # Fields 14 and 15 of proc(5), utime and stime, counted from the
+        # state field (3) after the command name.
+        ticks = int(fields[11]) + int(fields[12])
+        return ticks / float(os.sysconf("SC_CLK_TCK"))
+
     def client(self, role="worker"):
         return httpov.ApiClient(self.url, self.tokens[role])
 
@@ -630,9 +639,12 @@ def measure_cycles(quick, scratch):
 
     with ServeProcess(os.path.join(folder, "serve")) as server:
         job, _ = server.submit(frames, ["--frames-per-task", "1"])
+        cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
         counter, _ = drive_workers(
             farm_worker, (server.url, server.tokens["worker"], png_cache,
                           folder), workers, seconds)
+        server_cpu = (server.cpu_seconds() - cpu_before) / \
+            (time.monotonic() - wall_before)
         status = server.client("admin").call("GET", "/api/jobs/%d" % job)
     cycles = counter.cycles / seconds
     say("cycles: httpov serve, %d workers: %.1f cycles/s"
@@ -640,6 +652,7 @@ def measure_cycles(quick, scratch):
     details = {"workers": workers, "seconds": seconds, "job_frames": frames,
                "bare_requests_per_second": bare_requests,
                "frames_per_second": counter.frames / seconds,
+               "server_cpu_cores_busy": round(server_cpu, 2),
                "tasks_done_on_server": status.get("tasks_done"),
                "errors": counter.errors, "bare_errors": bare_errors,
                "workers_that_ran_out_of_tasks": counter.ran_dry}
