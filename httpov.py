@@ -124,6 +124,7 @@ MAX_COMPRESSION_RATIO = 200       # unpacked/packed size that means a bomb
 MAX_IMAGE_SIDE = 32768            # pixels: width or height of a frame
 MAX_PIXELS = 1 << 28              # pixels in one frame (16384 x 16384)
 MAX_FRAMES = 1000000              # frames in one job
+MAX_WHOLE_NUMBER = 1 << 62        # fits SQLite's 64-bit integers
 PREVIEW_FRAMES = 16               # frames handed out first, spread evenly
 DEFAULT_TARGET_TASK_SECONDS = 30  # adaptive tasks grow toward this
 MAX_MERGED_FRAMES = 1000          # frames in one adaptive task
@@ -183,11 +184,10 @@ class LengthRequired(UserError):
 
 def parse_int(text, what, minimum=None, maximum=None):
     """Parse a whole number or raise UserError naming ``what``."""
-    try:
-        value = int(str(text).strip())
-    except ValueError:
+    if not re.match(r"^\s*[-+]?[0-9]{1,18}\s*$", str(text)):
         raise UserError("invalid %s %r: expected a whole number"
                         % (what, text))
+    value = int(str(text).strip())
     if minimum is not None and value < minimum:
         raise UserError("invalid %s %d: must be at least %d"
                         % (what, value, minimum))
@@ -214,6 +214,14 @@ def json_field(body, name, kind, default=None, required=False):
         raise UserError("invalid field %r: expected %s, got %r"
                         % (name, {str: "a string", int: "a whole number",
                                   float: "a number"}[kind], value))
+    if kind is int and abs(value) > MAX_WHOLE_NUMBER:
+        raise UserError("invalid field %r: %d is out of range"
+                        % (name, value))
+    if kind is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("invalid field %r: not valid Unicode" % name)
     return value
 
 
@@ -244,6 +252,13 @@ def write_file_atomically(path, data):
     except BaseException:
         remove_quietly(temp_path)
         raise
+
+
+def printable(text, limit=500):
+    """Return text safe for one log line: control characters escaped."""
+    text = str(text)[:limit]
+    return re.sub(r"[\x00-\x1f\x7f]",
+                  lambda match: "\\x%02x" % ord(match.group()), text)
 
 
 def remove_quietly(path):
@@ -421,6 +436,12 @@ def read_povray_options(options):
         if "\n" in option or "\r" in option or "\0" in option:
             raise UserError("invalid POV-Ray option %r: it contains a "
                             "line break or NUL" % (option,))
+        if re.search(r"\s", option):
+            # POV-Ray splits an argument at white space again, so one
+            # argument could smuggle in options that were never checked.
+            raise UserError("invalid POV-Ray option %r: it contains white "
+                            "space; give each option as its own argument"
+                            % (option,))
         if option[0] in "+-" and len(option) > 1:
             pairs.append(parse_switch(option))
         elif "=" in option:
@@ -468,15 +489,19 @@ def parse_bool(value, what):
 
 def parse_number(value, what):
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise UserError("invalid %s %r: expected a number" % (what, value))
+    if number != number or number in (float("inf"), float("-inf")):
+        raise UserError("invalid %s %r: expected a finite number"
+                        % (what, value))
+    return number
 
 
 def parse_whole(value, what):
     """Parse a whole number that POV-Ray may write as ``640.0``."""
     number = parse_number(value, what)
-    if number != int(number):
+    if abs(number) > MAX_WHOLE_NUMBER or number != int(number):
         raise UserError("invalid %s %r: expected a whole number"
                         % (what, value))
     return int(number)
@@ -638,6 +663,14 @@ def inspect_archive(path, max_unpacked=MAX_UNPACKED_BYTES):
                             "compression ratio over %d looks like a zip "
                             "bomb" % (unpacked, packed,
                                       MAX_COMPRESSION_RATIO))
+        try:
+            broken = archive.testzip()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError,
+                NotImplementedError) as error:
+            raise UserError("job archive is corrupt (%s)" % error)
+        if broken is not None:
+            raise UserError("job archive is corrupt: %r fails its CRC check"
+                            % broken)
         file_keys = {name.lower() for name in files}
         for name in files:
             for parent in parent_folders(name):
@@ -737,6 +770,9 @@ def preview_order(first_frame, last_frame, preview=PREVIEW_FRAMES):
     preview of the whole animation, then the others in order.
     """
     count = last_frame - first_frame + 1
+    # At most a quarter of a short animation goes first, so that the
+    # rest can still be merged into longer tasks.
+    preview = max(1, min(preview, count // 4))
     stride = max(1, -(-count // preview))
     early = range(first_frame, last_frame + 1, stride)
     for frame in early:
@@ -900,16 +936,17 @@ def frame_file_name(job_name, frame, settings):
 # POV-Ray writes a partial render as a full-size image whose rows outside
 # the requested range are black. So the worker cuts a slice to its rows
 # (the server does it for uploads that were not cut), and a slice is
-# stored as a PNG of exactly those rows. Stitching then needs no pixel decoding: each
-# PNG row is a filter byte plus filtered bytes that depend only on the row
-# itself and the row above. Only the first row of each slice refers to a
-# row of another image, so that one row is re-filtered and every other row
-# is copied through zlib as it is.
+# stored as a PNG of exactly those rows. Stitching then needs no pixel
+# decoding: each PNG row is a filter byte plus filtered bytes that depend
+# only on the row itself and the row above. Only the first row of each
+# slice refers to a row of another image, so that one row is re-filtered
+# and every other row is copied through zlib as it is.
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}    # colour type -> samples/pixel
 PNG_KEPT_CHUNKS = (b"gAMA", b"sRGB", b"cHRM", b"iCCP", b"sBIT")
 PNG_MAX_CHUNK_BYTES = 1 << 31
+PNG_MAX_KEPT_CHUNK_BYTES = 1 << 20  # colour chunks; others are skipped
 PNG_IDAT_BYTES = 1 << 16                    # size of the IDATs we write
 ZLIB_LEVEL = 6
 
@@ -958,6 +995,10 @@ def iter_png_chunks(stream):
         crc = zlib.crc32(kind)
         left = length
         pieces = []
+        kept = kind in PNG_KEPT_CHUNKS or kind in (b"IHDR", b"IEND")
+        if kept and length > PNG_MAX_KEPT_CHUNK_BYTES:
+            raise ImageError("PNG chunk %r of %d bytes is too large"
+                             % (kind.decode("latin-1"), length))
         while True:
             piece = stream.read(min(left, COPY_CHUNK_BYTES))
             if len(piece) < min(left, COPY_CHUNK_BYTES):
@@ -968,7 +1009,7 @@ def iter_png_chunks(stream):
             if kind == b"IDAT":
                 if piece:
                     yield kind, piece
-            else:
+            elif kept:
                 pieces.append(piece)
             if left == 0:
                 break
@@ -1894,33 +1935,42 @@ class Database:
                            " WHERE id = ?",
                            (seconds, task["frame_last"] -
                             task["frame_first"] + 1, job["id"]))
-            complete = []
-            for frame in range(task["frame_first"], task["frame_last"] + 1):
-                left = db.execute(
-                    "SELECT COUNT(*) FROM tasks WHERE job_id = ? AND"
-                    " frame_first <= ? AND frame_last >= ? AND"
-                    " state != 'done'", (job["id"], frame, frame)
-                ).fetchone()[0]
-                if left == 0:
-                    complete.append(frame)
-        return complete
+            frames = list(range(task["frame_first"], task["frame_last"] + 1))
+            if len(json.loads(job["row_ranges"])) == 1:
+                # Whole frames are final as they are: record them in the
+                # same transaction, so no crash can leave them unrecorded.
+                if self._record_frames(db, job["id"], frames, now):
+                    server_log.info("job %d: done", job["id"])
+                return []
+            # A slice task covers one frame, found by frame_first alone.
+            left = db.execute(
+                "SELECT COUNT(*) FROM tasks WHERE job_id = ? AND"
+                " frame_first = ? AND state != 'done'",
+                (job["id"], task["frame_first"])).fetchone()[0]
+        return frames if left == 0 else []
 
     def mark_frames_done(self, job_id, frames, now):
-        """Record frames whose final PNG is in place; finish the job."""
+        """Record frames whose final PNG is in place; finish the job.
+
+        Returns True when this finished the job.
+        """
         with self.transaction() as db:
-            for frame in frames:
-                cursor = db.execute(
-                    "UPDATE frames SET done = 1 WHERE job_id = ? AND"
-                    " frame = ? AND done = 0", (job_id, frame))
-                db.execute("UPDATE jobs SET frames_done = frames_done + ?"
-                           " WHERE id = ?", (cursor.rowcount, job_id))
-            job = db.execute("SELECT * FROM jobs WHERE id = ?",
-                             (job_id,)).fetchone()
-            if job and job["frames_done"] == job["frame_count"] and \
-                    job["state"] not in FINAL_JOB_STATES:
-                db.execute("UPDATE jobs SET state = 'done', finished = ?"
-                           " WHERE id = ?", (now, job_id))
-                return True
+            return self._record_frames(db, job_id, frames, now)
+
+    def _record_frames(self, db, job_id, frames, now):
+        for frame in frames:
+            cursor = db.execute(
+                "UPDATE frames SET done = 1 WHERE job_id = ? AND"
+                " frame = ? AND done = 0", (job_id, frame))
+            db.execute("UPDATE jobs SET frames_done = frames_done + ?"
+                       " WHERE id = ?", (cursor.rowcount, job_id))
+        job = db.execute("SELECT * FROM jobs WHERE id = ?",
+                         (job_id,)).fetchone()
+        if job and job["frames_done"] == job["frame_count"] and \
+                job["state"] not in FINAL_JOB_STATES:
+            db.execute("UPDATE jobs SET state = 'done', finished = ?"
+                       " WHERE id = ?", (now, job_id))
+            return True
         return False
 
     def frame_tasks(self, job_id, frame):
@@ -1938,13 +1988,16 @@ class Database:
     def unstitched_frames(self):
         """Return (job id, frame) of frames whose tasks are all done but
         whose final PNG was not recorded, as after a crash mid-stitch."""
+        # Only sliced frames are stitched after their tasks are done, and a
+        # slice task covers exactly one frame.
         return [(row["job_id"], row["frame"]) for row in self.query(
-            "SELECT f.job_id, f.frame FROM frames f"
-            " JOIN jobs j ON j.id = f.job_id"
-            " WHERE f.done = 0 AND j.state NOT IN ('cancelled')"
-            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE"
-            " t.job_id = f.job_id AND t.frame_first <= f.frame AND"
-            " t.frame_last >= f.frame AND t.state != 'done')")]
+            "SELECT t.job_id, t.frame_first AS frame FROM tasks t"
+            " JOIN frames f ON f.job_id = t.job_id AND f.frame ="
+            " t.frame_first JOIN jobs j ON j.id = t.job_id"
+            " WHERE f.done = 0 AND j.state != 'cancelled'"
+            " AND t.frame_first = t.frame_last"
+            " GROUP BY t.job_id, t.frame_first"
+            " HAVING SUM(t.state != 'done') = 0")]
 
     def fail_task(self, task_id, attempt, error, log_text, now):
         """Record a failed attempt; return True if the job failed."""
@@ -2234,7 +2287,7 @@ class Farm:
         group = json_field(body, "group", str, "")[:100]
         host = json_field(body, "host", str, "")[:200]
         worker_id = self.db.register_worker(name, group, host, time.time())
-        server_log.info("worker %d registered as %r (group %r, host %r)",
+        server_log.info("worker %d registered as %a (group %a, host %a)",
                         worker_id, name, group, host)
         return {"worker": worker_id, "lease_seconds": self.lease_seconds,
                 "max_result_bytes": self.max_result_bytes}
@@ -2305,7 +2358,8 @@ class Farm:
                                        time.time())
         task = self.db.task(task_id)
         server_log.warning("job %d task %d: attempt %s failed: %s%s",
-                           task["job_id"], task_id, attempt, error,
+                           task["job_id"], task_id, attempt[:8],
+                           printable(error),
                            " (job failed)" if job_failed else "")
         return {"status": "recorded", "job_failed": job_failed}
 
@@ -2366,9 +2420,13 @@ class Farm:
             names = set(archive.namelist())
             log_text = ""
             if "log.txt" in names:
-                with archive.open("log.txt") as source:
-                    log_text = source.read(MAX_LOG_BYTES).decode(
-                        "utf-8", "replace")
+                try:
+                    with archive.open("log.txt") as source:
+                        log_text = source.read(MAX_LOG_BYTES).decode(
+                            "utf-8", "replace")
+                except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+                    raise UserError("result archive is corrupt (%s)"
+                                    % error)
             if sliced:
                 expected = ["slice.png"]
             else:
@@ -2380,17 +2438,19 @@ class Farm:
                                 "contains: %s)"
                                 % (task["id"], ", ".join(missing),
                                    ", ".join(sorted(names)) or "nothing"))
+            # A PNG is never much larger than its raw 16-bit RGBA pixels.
+            largest = min(self.max_result_bytes, COPY_CHUNK_BYTES + 2 * (
+                height * (1 + width * 8)))
             for name in expected:
                 member = archive.getinfo(name)
-                if member.file_size > self.max_result_bytes:
-                    raise TooLarge("%s unpacks to %d bytes, more than %d"
-                                   % (name, member.file_size,
-                                      self.max_result_bytes))
+                if member.file_size > largest:
+                    raise TooLarge("%s unpacks to %d bytes, more than the "
+                                   "%d a %dx%d PNG can need"
+                                   % (name, member.file_size, largest,
+                                      width, height))
                 temp_path = self.temp_path(".png")
                 prepared.append((temp_path, None))
-                with archive.open(member) as source, \
-                        open(temp_path, "wb") as target:
-                    shutil.copyfileobj(source, target, COPY_CHUNK_BYTES)
+                copy_member(archive, member, temp_path, largest)
                 if sliced:
                     final = self.slice_path(job["id"], task["frame_first"],
                                             task["id"])
@@ -2408,6 +2468,7 @@ class Farm:
         return log_text
 
     def check_slice(self, temp_path, task, width, height, prepared):
+        # The caller has copied the slice; this checks and crops it.
         """Check a slice PNG; crop a full-size one to the task's rows."""
         rows = task["row_last"] - task["row_first"] + 1
         try:
@@ -2485,6 +2546,32 @@ def lock_data_dir(data_dir):
                            "server; stop it or pass another --data"
                            % data_dir)
     return lock_file
+
+
+def copy_member(archive, member, target, limit):
+    """Copy a zip member to a file, reading at most ``limit`` bytes.
+
+    Raises UserError for a member that is not a PNG, is larger than its
+    header says or fails to decompress.
+    """
+    try:
+        with archive.open(member) as source, open(target, "wb") as out:
+            head = source.read(len(PNG_SIGNATURE))
+            if head != PNG_SIGNATURE:
+                raise ImageError("%s is not a PNG file" % member.filename)
+            out.write(head)
+            left = limit - len(head)
+            while True:
+                chunk = source.read(min(COPY_CHUNK_BYTES, left + 1))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                if left < 0:
+                    raise TooLarge("%s is larger than %d bytes"
+                                   % (member.filename, limit))
+                out.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise UserError("result archive is corrupt (%s)" % error)
 
 
 def remove_tree_or_file(path):
@@ -2672,25 +2759,38 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "httpov/" + __version__
+    # Headers and body go out in two sends; without TCP_NODELAY the body
+    # waits about 40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     timeout = HTTP_TIMEOUT_SECONDS
 
     def log_message(self, format, *args):
-        # The login link carries the admin token in its query string.
-        message = re.sub(r"token=[^&\s\"]*", "token=<hidden>",
-                         format % args)
-        server_log.debug("%s %s", self.address_string(), message)
+        server_log.debug("%s %s", self.address_string(),
+                         self.loggable(format % args))
+
+    def loggable(self, text):
+        """Hide tokens (the login link carries one) and control bytes."""
+        for token in self.farm.tokens.values() if self.farm else ():
+            text = text.replace(token, "<token>")
+        text = re.sub(r"(?i)(%74|t)oken=[^&\s\"']*", "token=<hidden>", text)
+        return printable(text)
 
     def send_error(self, code, message=None, explain=None):
         """Send errors found by http.server itself (a bad request line,
         too many headers, an unknown method) as JSON, like the API."""
         self.close_connection = True
         self.body_read = True
-        text = message or http.HTTPStatus(code).phrase
+        text = self.loggable(message or http.HTTPStatus(code).phrase)
         server_log.info("%s: %d %s", self.address_string(), code, text)
         try:
             self.send_json({"error": text}, code)
         except OSError:
             pass
+
+    def handle_expect_100(self):
+        # No "100 Continue" before the token has been checked; the client
+        # sends its body after a short wait anyway.
+        return True
 
     def handle_one_request(self):
         self.server.deadlines.watch(self.connection, HEADER_TIMEOUT_SECONDS)
@@ -2736,17 +2836,18 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         parsed = urllib.parse.urlsplit(self.path)
         self.query = urllib.parse.parse_qs(parsed.query,
                                            keep_blank_values=True)
+        failure = None
         try:
             route, arguments = self.find_route(method, parsed.path)
             self.check_access(route[3])
             getattr(self, route[2])(*arguments)
         except UserError as error:
-            self.send_json({"error": str(error)}, error.status)
+            failure = (error.status, str(error), None)
         except DatabaseBusy as error:
             server_log.warning("%s %s: database busy (%s), responded 503",
                                method, parsed.path, error)
-            self.send_json({"error": "the server is busy; try again"}, 503,
-                           {"Retry-After": "2"})
+            failure = (503, "the server is busy; try again",
+                       {"Retry-After": "2"})
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
         except Exception as error:
@@ -2754,12 +2855,20 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                     "locked" in str(error):
                 server_log.warning("%s %s: database locked, responded 503",
                                    method, parsed.path)
-                self.send_json({"error": "the server is busy; try again"},
-                               503, {"Retry-After": "2"})
-                return
-            server_log.exception("%s %s failed", method, parsed.path)
-            self.send_json({"error": "internal server error; see the "
-                            "server log"}, 500)
+                failure = (503, "the server is busy; try again",
+                           {"Retry-After": "2"})
+            else:
+                server_log.exception("%s %s failed", method, parsed.path)
+                failure = (500, "internal server error; see the server "
+                           "log", None)
+        if failure is None:
+            return
+        status, message, headers = failure
+        try:
+            self.send_json({"error": message}, status, headers)
+        except OSError:
+            # The client is gone; there is nobody to tell.
+            self.close_connection = True
 
     def find_route(self, method, path):
         allowed = []
@@ -2820,15 +2929,20 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
     # -- request bodies -----------------------------------------------------
 
     def content_length(self, limit):
+        if self.headers.get("Transfer-Encoding") or \
+                len(self.headers.get_all("Content-Length") or []) > 1:
+            self.close_connection = True
+            raise UserError("Transfer-Encoding and repeated Content-Length "
+                            "headers are not supported; send one "
+                            "Content-Length")
         value = self.headers.get("Content-Length")
         if value is None:
             self.close_connection = True
             raise LengthRequired("missing Content-Length header")
-        try:
-            length = int(value)
-        except ValueError:
+        if not re.match(r"^[0-9]{1,18}$", value.strip()):
             self.close_connection = True
             raise UserError("invalid Content-Length %r" % value)
+        length = int(value)
         if length < 0:
             self.close_connection = True
             raise UserError("invalid Content-Length %r" % value)
@@ -2858,7 +2972,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             return {}
         try:
             body = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:
             raise UserError("request body is not valid JSON (%s)" % error)
         if not isinstance(body, dict):
             raise UserError("request body must be a JSON object")
@@ -2897,7 +3011,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
     # -- responses ----------------------------------------------------------
 
     def send_json(self, value, status=200, headers=None):
-        data = (json.dumps(value, indent=1) + "\n").encode()
+        data = (json.dumps(value, separators=(",", ":")) + "\n").encode()
         self.send_bytes(data, "application/json", status, headers)
 
     def send_bytes(self, data, content_type, status=200, headers=None):
@@ -3651,6 +3765,9 @@ class Worker:
         self.process_lock = threading.Lock()
         for folder in ("archives", "jobs", "tasks", "outbox"):
             os.makedirs(os.path.join(self.workdir, folder), exist_ok=True)
+        for folder in ("archives", "jobs", "outbox"):
+            # Other jobs' scenes and results stay out of a scene's reach.
+            os.chmod(os.path.join(self.workdir, folder), 0o700)
         self.uid, self.gid = render_user(user)
         if self.uid is not None:
             os.chmod(os.path.join(self.workdir, "tasks"), 0o755)
@@ -3874,16 +3991,13 @@ class Worker:
                 raise TaskFailed("job archive rejected: %s" % error)
             temp_dir = tempfile.mkdtemp(dir=os.path.join(self.workdir,
                                                          "jobs"))
-            with zipfile.ZipFile(archive) as source:
-                for member in source.infolist():
-                    if member.filename.endswith("/"):
-                        continue
-                    target = os.path.join(temp_dir, *member.filename.split(
-                        "/"))
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    with source.open(member) as data, \
-                            open(target, "wb") as out:
-                        shutil.copyfileobj(data, out, COPY_CHUNK_BYTES)
+            try:
+                unpack_archive(archive, temp_dir)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError,
+                    NotImplementedError) as error:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise TaskFailed("job archive cannot be unpacked: %s"
+                                 % error)
             try:
                 os.rename(temp_dir, unpacked)
             except OSError:
@@ -3921,6 +4035,7 @@ class Worker:
             chown_tree(output_dir, self.uid, self.gid)
             chown_tree(home_dir, self.uid, self.gid)
         environment = dict(os.environ, POVINI=self.povini, HOME=home_dir)
+        environment.pop("HTTPOV_TOKEN", None)
         worker_log.debug("%s: running %s", task_label(task),
                          " ".join(command))
 
@@ -4277,6 +4392,18 @@ class Heartbeat:
                            self.task["id"], reason)
         self.rejected = reason
         self.worker.terminate_povray()
+
+
+def unpack_archive(archive, folder):
+    """Unpack a checked job archive into ``folder``."""
+    with zipfile.ZipFile(archive) as source:
+        for member in source.infolist():
+            if member.filename.endswith("/"):
+                continue
+            target = os.path.join(folder, *member.filename.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with source.open(member) as data, open(target, "wb") as out:
+                shutil.copyfileobj(data, out, COPY_CHUNK_BYTES)
 
 
 def task_label(task):

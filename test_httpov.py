@@ -268,7 +268,7 @@ class TaskPlanTest(unittest.TestCase):
     def test_adaptive_plan_one_frame_each(self):
         tasks = list(httpov.plan_tasks(1, 40, [(1, 10)], 0))
         self.assertEqual(len(tasks), 40)
-        self.assertEqual([task[0] for task in tasks[:3]], [1, 4, 7])
+        self.assertEqual([task[0] for task in tasks[:3]], [1, 5, 9])
 
     def test_sliced_animation(self):
         tasks = list(httpov.plan_tasks(1, 2, [(1, 32), (33, 50)], 5))
@@ -1704,6 +1704,13 @@ def encrypted_zip():
     return bytes(data)
 
 
+def corrupt_zip():
+    """Return a zip whose member's data no longer matches its CRC."""
+    data = bytearray(zip_bytes(GOOD_SCENE + [("x.inc", b"hello world")]))
+    data[data.find(b"hello world")] ^= 0x20
+    return bytes(data)
+
+
 def binary_digits(count, seed=5):
     """Return text of random 0s and 1s: it deflates only about 7:1."""
     generator = __import__("random").Random(seed)
@@ -1769,6 +1776,7 @@ def hostile_archives():
         ("rows in ini",
          zip_bytes([("j.ini", b"Input_File_Name=s.pov\nStart_Row=5\n")] +
                    GOOD_SCENE), "", 400, "Start Row"),
+        ("corrupt member", corrupt_zip(), "", 400, "CRC"),
         ("garbage ini",
          zip_bytes([("j.ini", b"\x00\xff junk words\n")] + GOOD_SCENE), "",
          400, "neither a setting nor a switch"),
@@ -1810,8 +1818,17 @@ def hostile_options():
         ("too many pixels", good, "option=%2BW20000&option=%2BH20000",
          400, "too large"),
         ("shell command option", good,
-         "option=Pre_Scene_Command%3Dtouch%20/tmp/httpov-owned", 400,
-         "runs a shell command"),
+         "option=Pre_Scene_Command%3Dtouch", 400, "runs a shell command"),
+        ("options hidden behind white space", good,
+         "option=%2BA0.3%20%2BGI/tmp/httpov-owned.ini", 400,
+         "contains white space"),
+        ("setting hidden behind a tab", good,
+         "option=Antialias%3Don%09Pre_Scene_Command%3Did", 400,
+         "contains white space"),
+        ("infinite width", good, "option=Width%3Dinf", 400,
+         "expected a finite number"),
+        ("not-a-number clock", animated, "option=Initial_Clock%3Dnan", 400,
+         "expected a finite number"),
         ("output path option", good, "option=%2BO/tmp/httpov-owned.png",
          400, "set by the farm"),
         ("stream file option", good, "option=%2BGF/tmp/httpov-owned.txt",
@@ -1978,6 +1995,47 @@ class HostileInputTest(unittest.TestCase):
                                                  headers, token)
                 self.assertEqual(got_status, status, error)
                 self.assertIn(message, error)
+
+    def test_hostile_results(self):
+        bomb = zip_bytes([("frames/%d.png" % frame, httpov.PNG_SIGNATURE +
+                           bytes(50 << 20)) for frame in range(1, 10)],
+                         zipfile.ZIP_DEFLATED)
+        table = [
+            ("not a zip", b"garbage", 400, "not a valid zip"),
+            ("missing frame", zip_bytes([("log.txt", b"")]), 400,
+             "is missing frames/"),
+            ("not a PNG", None, 400, "is not a PNG file"),
+            ("decompression bomb", bomb, 413, "a 32x32 PNG can need"),
+            ("corrupt member", None, 400, "corrupt"),
+        ]
+        client = httpov.ApiClient(self.server.url, self.server.worker)
+        self.addCleanup(client.close)
+        for case, body, status, message in table:
+            with self.subTest(case=case):
+                # A fresh job each time: three failures would fail a job.
+                status_code, error = self.request(
+                    "POST", "/api/jobs?option=%2BW32&option=%2BH32&"
+                    "option=%2BKFF9", zip_bytes(GOOD_SCENE))
+                self.assertEqual(status_code, 201, error)
+                worker = client.call("POST", "/api/workers",
+                                     {"name": case})["worker"]
+                task = client.call("POST", "/api/claim",
+                                   {"worker": worker})["task"]
+                name = "frames/%d.png" % task["frame_first"]
+                if case == "not a PNG":
+                    body = zip_bytes([(name, b"GIF89a")])
+                elif case == "corrupt member":
+                    body = bytearray(zip_bytes([(name, httpov.PNG_SIGNATURE
+                                                 + b"payload")]))
+                    body[body.find(b"payload")] ^= 1
+                    body = bytes(body)
+                got, error = self.request(
+                    "POST", "/api/tasks/%d/result?attempt=%s"
+                    % (task["id"], task["attempt"]), body, token="worker")
+                self.assertEqual(got, status, error)
+                self.assertIn(message, error)
+        self.assertEqual(os.listdir(os.path.join(self.server.data_dir,
+                                                 "tmp")), [])
 
     def test_truncated_upload_leaves_no_file(self):
         connection = socket.create_connection(("127.0.0.1",
