@@ -4464,6 +4464,7 @@ JOB_ACTIONS = ("pause", "resume", "cancel", "retry", "delete")
 DEFAULT_DATA_DIR = "httpov-data"
 DEFAULT_RENDER_OUTPUT = "render-out"
 STATUS_POLL_SECONDS = 0.5          # render's progress line refresh
+RENDER_WORKERS_PER_CORE = 2
 FETCH_POLL_SECONDS = 2.0           # fetch --wait polling interval
 EXCLUDED_FROM_JOBS = {".git", ".hg", ".svn", "__pycache__"}
 
@@ -4824,7 +4825,9 @@ def command_render(args):
         server_log.setLevel(logging.WARNING)
         worker_log.setLevel(logging.WARNING)
     cores = os.cpu_count() or 1
-    workers = args.workers or max(2, cores)
+    # Two one-thread workers per core: POV-Ray spends most of its start-up
+    # (about 0.7 s) waiting, which the second process on a core fills.
+    workers = args.workers or RENDER_WORKERS_PER_CORE * cores
     threads = max(1, cores // workers)
     render_user(args.user)
     temp_dir = tempfile.mkdtemp(prefix="httpov-render-")
@@ -5165,8 +5168,7 @@ def build_parser():
                         help="folder for the PNGs (default ./%s)"
                         % DEFAULT_RENDER_OUTPUT)
     render.add_argument("--workers", type=positive_int, metavar="N",
-                        help="local workers (default: one per core, at "
-                        "least 2)")
+                        help="local workers (default: two per core)")
     render.add_argument("--povray", default="povray",
                         help="POV-Ray executable (default: povray)")
     render.add_argument("--lease", type=seconds(MIN_LEASE_SECONDS),
