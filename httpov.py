@@ -1398,6 +1398,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     adaptive INTEGER NOT NULL DEFAULT 0,    -- merge frames into tasks
     render_seconds REAL NOT NULL DEFAULT 0, -- of accepted whole frames
     frames_rendered INTEGER NOT NULL DEFAULT 0,
+    slice_seconds REAL NOT NULL DEFAULT 0,  -- of accepted slices
+    rows_rendered INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     created REAL NOT NULL,
     started REAL,
@@ -1543,7 +1545,7 @@ class Database:
                  plan["first_frame"], plan["last_frame"],
                  json.dumps(plan["row_ranges"]), plan["task_count"],
                  frame_count, now,
-                 int(not plan["sliced"] and not plan["frames_per_task"])))
+                 int(plan["sliced"] or not plan["frames_per_task"])))
             job_id = cursor.lastrowid
             tasks = plan_tasks(plan["first_frame"], plan["last_frame"],
                                plan["row_ranges"], plan["frames_per_task"])
@@ -1775,8 +1777,12 @@ class Database:
                         (job["id"],)).fetchone()
                 if task is None:
                     continue
-                self._merge_frames(db, job, task, busy.get(job["id"], 0),
-                                   now)
+                if len(json.loads(job["row_ranges"])) > 1:
+                    self._merge_rows(db, job, task, busy.get(job["id"], 0),
+                                     now)
+                else:
+                    self._merge_frames(db, job, task,
+                                       busy.get(job["id"], 0), now)
                 attempt = secrets.token_hex(16)
                 db.execute(
                     "UPDATE tasks SET state = 'leased', attempt = ?,"
@@ -1809,12 +1815,8 @@ class Database:
             return
         per_frame = job["render_seconds"] / job["frames_rendered"]
         wanted = int(self.target_task_seconds / max(per_frame, 0.001))
-        workers = db.execute("SELECT COUNT(*) FROM workers WHERE"
-                             " last_seen > ?",
-                             (now - self.lease_seconds,)).fetchone()[0]
-        left = job["task_count"] - job["tasks_done"] - busy
-        share = left // (2 * max(workers, 1))
-        count = min(wanted, share, MAX_MERGED_FRAMES)
+        count = min(wanted, self._fair_share(db, job, busy, now),
+                    MAX_MERGED_FRAMES)
         if count < 2:
             return
         following = db.execute(
@@ -1835,6 +1837,49 @@ class Database:
                        [(task_id,) for task_id in merged])
         db.execute("UPDATE tasks SET frame_last = ? WHERE id = ?",
                    (task["frame_first"] + len(merged), task["id"]))
+        db.execute("UPDATE jobs SET task_count = task_count - ?"
+                   " WHERE id = ?", (len(merged), job["id"]))
+
+    def _fair_share(self, db, job, busy, now):
+        """Return how many queued tasks of a job one task may take over."""
+        workers = db.execute("SELECT COUNT(*) FROM workers WHERE"
+                             " last_seen > ?",
+                             (now - self.lease_seconds,)).fetchone()[0]
+        left = job["task_count"] - job["tasks_done"] - busy
+        return left // (2 * max(workers, 1))
+
+    def _merge_rows(self, db, job, task, busy, now):
+        """Grow a sliced job's task by the queued slices below it.
+
+        Slices keep their block-aligned start, so merged slices still
+        match a full render. The measured seconds per row and the fair
+        share bound the merge as for frames.
+        """
+        if not job["adaptive"] or not job["rows_rendered"] or \
+                task["attempts"]:
+            return
+        per_row = job["slice_seconds"] / job["rows_rendered"]
+        wanted_rows = int(self.target_task_seconds / max(per_row, 1e-6))
+        share = self._fair_share(db, job, busy, now)
+        following = db.execute(
+            "SELECT id, row_first, row_last FROM tasks WHERE job_id = ?"
+            " AND frame_first = ? AND row_first > ? AND state = 'queued'"
+            " AND attempts = 0 ORDER BY row_first",
+            (job["id"], task["frame_first"], task["row_last"])).fetchall()
+        merged = []
+        row_last = task["row_last"]
+        for row in following:
+            if row["row_first"] != row_last + 1 or len(merged) >= share or \
+                    row["row_last"] - task["row_first"] + 1 > wanted_rows:
+                break
+            merged.append(row["id"])
+            row_last = row["row_last"]
+        if not merged:
+            return
+        db.executemany("DELETE FROM tasks WHERE id = ?",
+                       [(task_id,) for task_id in merged])
+        db.execute("UPDATE tasks SET row_last = ? WHERE id = ?",
+                   (row_last, task["id"]))
         db.execute("UPDATE jobs SET task_count = task_count - ?"
                    " WHERE id = ?", (len(merged), job["id"]))
 
@@ -1953,6 +1998,12 @@ class Database:
                            " WHERE id = ?",
                            (seconds, task["frame_last"] -
                             task["frame_first"] + 1, job["id"]))
+            else:
+                db.execute("UPDATE jobs SET slice_seconds = slice_seconds"
+                           " + ?, rows_rendered = rows_rendered + ?"
+                           " WHERE id = ?",
+                           (seconds, task["row_last"] - task["row_first"] +
+                            1, job["id"]))
             frames = list(range(task["frame_first"], task["frame_last"] + 1))
             if len(json.loads(job["row_ranges"])) == 1:
                 # Whole frames are final as they are: record them in the

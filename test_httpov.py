@@ -750,6 +750,23 @@ class StorageTest(unittest.TestCase):
         job = self.db.job(job_id)
         self.assertEqual(job["task_count"], 200 - 29)
 
+    def test_adaptive_slices_grow_to_target(self):
+        plan = dict(self.plan, last_frame=20, sliced=True,
+                    row_ranges=[(first, first + 31)
+                                for first in range(1, 320, 32)],
+                    task_count=200)
+        plan["settings"] = dict(plan["settings"], height=320)
+        self.db.control_job(self.job_id, "cancel", 100.0)
+        job_id = self.db.create_job(plan, "5" * 64, 2, 100.0)
+        task, _ = self.db.claim_task(self.worker, 100.0, 60)
+        self.assertEqual((task["row_first"], task["row_last"]), (1, 32))
+        self.db.accept_result(task["id"], task["attempt"], "", 101.0,
+                              lambda: None)
+        task, _ = self.db.claim_task(self.worker, 101.0, 60)
+        self.assertEqual((task["row_first"], task["row_last"]), (33, 320),
+                         "one second per 32 rows: the rest of the frame")
+        self.assertEqual(self.db.job(job_id)["task_count"], 200 - 8)
+
     def test_fixed_frames_per_task_not_merged(self):
         plan = dict(self.plan, last_frame=100, task_count=50,
                     frames_per_task=2)
@@ -1340,6 +1357,24 @@ class FailureTest(unittest.TestCase):
         job = wait_for_job(self.client, job_id, 60)
         self.assertEqual(job["state"], "failed")
         self.assertIn("larger than the server's limit", job["error"])
+
+    def test_work_runs_several_tasks_at_once(self):
+        job_id = self.submit("--frames-per-task", "1", "--", "+W320",
+                             "+H240", "+KFF4")
+        self.work("--tasks", "2", "--name", "pair")
+        deadline = time.time() + 60
+        most = 0
+        while time.time() < deadline:
+            job = self.client.call("GET", "/api/jobs/%d" % job_id)
+            most = max(most, job["tasks_running"])
+            if job["state"] in httpov.FINAL_JOB_STATES:
+                break
+            time.sleep(0.1)
+        self.assertEqual(job["state"], "done", job["error"])
+        self.assertEqual(most, 2, "two tasks rendered at the same time")
+        names = sorted(worker["name"] for worker in self.client.call(
+            "GET", "/api/workers")["workers"])
+        self.assertEqual(names, ["pair-1", "pair-2"])
 
     def test_same_name_gets_own_identity(self):
         client = httpov.ApiClient(self.server.url, self.server.worker)
