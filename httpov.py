@@ -110,6 +110,8 @@ DEFAULT_MAX_TASK_SECONDS = 86400  # wall-clock limit of one task
 DEFAULT_MEMORY_MIB = 4096         # address space of POV-Ray; 256 MiB
                                   # already broke normal scenes
 MEMORY_MIB_PER_THREAD = 128       # ... plus this per render thread
+# NOTE: this bounds each file, not their number, so a scene's disk use is
+# bounded only by its time and CPU limits.
 MAX_RENDER_FILE_BYTES = 8 << 30   # largest file POV-Ray may write
 MAX_RENDER_OPEN_FILES = 256
 MAX_RENDER_PROCESSES = 1024       # processes and threads of the user
@@ -137,6 +139,8 @@ HEADER_TIMEOUT_SECONDS = 20       # request line and headers, and idle
 MIN_UPLOAD_BYTES_PER_SECOND = 64 * 1024  # slower bodies are cut off
 MAX_HEADER_BYTES = 16 * 1024      # all request headers together
 DEFAULT_MAX_CONNECTIONS = 512     # connections handled at once
+# NOTE: there is no cap per client address, so a client that holds many
+# idle connections can keep others waiting until the header deadline.
 COPY_CHUNK_BYTES = 1 << 20        # 1 MiB: streaming buffer size
 MAX_DRAINED_BYTES = 16 << 20      # 16 MiB: rejected body still read, so
                                   # the client sees the error response
@@ -1529,6 +1533,8 @@ class Database:
     # -- jobs ---------------------------------------------------------------
 
     def create_job(self, plan, archive_sha, max_attempts, now):
+        # NOTE: the insert runs in one write transaction, so a job of
+        # millions of tasks (about 13 s for 2,000,000) delays claims.
         settings = plan["settings"]
         frame_count = plan["last_frame"] - plan["first_frame"] + 1
         with self.transaction() as db:

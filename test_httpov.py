@@ -40,7 +40,8 @@ try:
 except ImportError:
     Image = None
 
-# Workers refuse to render as root; as root, the tests render as nobody.
+# Workers refuse to render as root, so as root the tests render as the
+# unprivileged user "nobody".
 if hasattr(os, "geteuid") and os.geteuid() == 0:
     os.environ.setdefault("HTTPOV_USER", "nobody")
 
@@ -1191,7 +1192,7 @@ class EndToEndTest(unittest.TestCase):
 
 
 def write_script(folder, name, body):
-    """Write an executable shell script that stands in for POV-Ray."""
+    """Write an executable shell script that replaces POV-Ray in a test."""
     path = os.path.join(folder, name)
     with open(path, "w") as out:
         out.write("#!/bin/sh\n" + body + "\n")
@@ -1363,15 +1364,16 @@ class FailureTest(unittest.TestCase):
                              "+H240", "+KFF4")
         self.work("--tasks", "2", "--name", "pair")
         deadline = time.time() + 60
-        most = 0
+        max_running = 0
         while time.time() < deadline:
             job = self.client.call("GET", "/api/jobs/%d" % job_id)
-            most = max(most, job["tasks_running"])
+            max_running = max(max_running, job["tasks_running"])
             if job["state"] in httpov.FINAL_JOB_STATES:
                 break
             time.sleep(0.1)
         self.assertEqual(job["state"], "done", job["error"])
-        self.assertEqual(most, 2, "two tasks rendered at the same time")
+        self.assertEqual(max_running, 2,
+                         "two tasks rendered at the same time")
         names = sorted(worker["name"] for worker in self.client.call(
             "GET", "/api/workers")["workers"])
         self.assertEqual(names, ["pair-1", "pair-2"])
@@ -1402,7 +1404,7 @@ class FailureTest(unittest.TestCase):
         self.assertEqual(job["state"], "failed")
         self.assertIn("missing", job["error"])
 
-    def test_busy_database_answers_503(self):
+    def test_busy_database_responds_503(self):
         self.server.stop()
         self.server = ServerProcess(os.path.join(self.folder, "data"),
                                     lease=5, extra=["--busy-timeout",
