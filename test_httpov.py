@@ -880,6 +880,19 @@ class CommandLineTest(unittest.TestCase):
                          "Stream output files must be elsewhere. "
                          "Render failed")
 
+    def test_worker_runs_without_sqlite3(self):
+        # Some minimal Pythons lack sqlite3; only serve may need it.
+        code = ("import sys; sys.modules['sqlite3'] = None; import httpov; "
+                "args = httpov.build_parser().parse_args(['work', "
+                "'http://127.0.0.1:9/']); print('sqlite3' in [name for "
+                "name, module in sys.modules.items() if module])")
+        result = subprocess.run([sys.executable, "-c", code],
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                universal_newlines=True, cwd=HERE)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "False")
+
     def test_exit_by_signal_is_named(self):
         self.assertIn("SIGKILL", httpov.describe_exit(-9))
         self.assertIn("SIGKILL", httpov.describe_exit(137, True))
