@@ -952,6 +952,7 @@ PNG_KEPT_CHUNKS = (b"gAMA", b"sRGB", b"cHRM", b"iCCP", b"sBIT")
 PNG_MAX_CHUNK_BYTES = 1 << 31
 PNG_MAX_KEPT_CHUNK_BYTES = 1 << 20  # colour chunks; others are skipped
 PNG_IDAT_BYTES = 1 << 16                    # size of the IDATs we write
+DEFAULT_FRAME_DELAY_MS = 40                 # animated preview: 25 fps
 ZLIB_LEVEL = 6
 
 
@@ -1344,6 +1345,58 @@ def read_ppm_header(stream):
     if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
         raise ImageError("PPM size %dx%d is out of range" % (width, height))
     return ImageInfo(width, height, 8 if maxval == 255 else 16, 2)
+
+
+def write_apng(target, frame_paths, delay_ms=DEFAULT_FRAME_DELAY_MS):
+    """Write an animated PNG of frames that share one size and format.
+
+    Each frame's compressed image data is copied as it is (IDAT for the
+    first frame, fdAT for the others), so nothing is decoded and memory
+    stays bounded. Viewers without APNG support show the first frame.
+    """
+    first, extra, scanlines = read_png_scanlines(frame_paths[0])
+    scanlines.close()
+    folder = os.path.dirname(os.path.abspath(target))
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-",
+                                         suffix=".png")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(PNG_SIGNATURE)
+            out.write(png_chunk(b"IHDR", struct.pack(
+                ">IIBBBBB", first.width, first.height, first.depth,
+                first.color_type, 0, 0, 0)))
+            for kind, data in extra:
+                out.write(png_chunk(kind, data))
+            out.write(png_chunk(b"acTL", struct.pack(">II",
+                                                     len(frame_paths), 0)))
+            sequence = 0
+            for index, path in enumerate(frame_paths):
+                with open(path, "rb") as stream:
+                    chunks = iter_png_chunks(stream)
+                    info = parse_ihdr(next(chunks)[1])
+                    if info != first:
+                        raise ImageError("frame %s is %s, the first is %s"
+                                         % (os.path.basename(path),
+                                            info.describe(),
+                                            first.describe()))
+                    out.write(png_chunk(b"fcTL", struct.pack(
+                        ">IIIIIHHBB", sequence, first.width, first.height,
+                        0, 0, delay_ms, 1000, 0, 0)))
+                    sequence += 1
+                    for kind, data in chunks:
+                        if kind != b"IDAT":
+                            continue
+                        if index == 0:
+                            out.write(png_chunk(b"IDAT", data))
+                        else:
+                            out.write(png_chunk(
+                                b"fdAT", struct.pack(">I", sequence) + data))
+                            sequence += 1
+            out.write(png_chunk(b"IEND", b""))
+        os.replace(temp_path, target)
+    except BaseException:
+        remove_quietly(temp_path)
+        raise
 
 
 def ppm_to_png(source, target, first_row=1, last_row=None):
@@ -2830,6 +2883,10 @@ ROUTES = [
     ("GET", r"/api/jobs/(\d{1,18})/tasks", "api_tasks", "admin"),
     ("GET", r"/api/jobs/(\d{1,18})/frames/(-?\d{1,18})\.png",
      "api_frame", "admin"),
+    ("GET", r"/api/jobs/(\d{1,18})/frames\.zip", "api_frames_zip",
+     "admin"),
+    ("GET", r"/api/jobs/(\d{1,18})/animation\.png", "api_animation",
+     "admin"),
     ("GET", r"/api/workers", "api_workers", "admin"),
     ("POST", r"/api/workers", "api_register", "worker"),
     ("POST", r"/api/claim", "api_claim", "worker"),
@@ -3128,7 +3185,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Referrer-Policy", "no-referrer")
         self.send_header("Content-Security-Policy", PAGE_POLICY)
 
-    def send_file(self, path, content_type, download_name=None):
+    def send_file(self, path, content_type, download_name=None,
+                  disposition="inline"):
         try:
             source = open(path, "rb")
         except OSError:
@@ -3140,8 +3198,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(size))
             self.send_security_headers()
             if download_name:
-                self.send_header("Content-Disposition",
-                                 'inline; filename="%s"' % download_name)
+                self.send_header("Content-Disposition", '%s; filename="%s"'
+                                 % (disposition, download_name))
             self.end_headers()
             if self.command != "HEAD":
                 shutil.copyfileobj(source, self.wfile, COPY_CHUNK_BYTES)
@@ -3208,6 +3266,40 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                                json.loads(job["settings"]))
         self.send_file(self.farm.frame_path(job_id, frame), "image/png",
                        name)
+
+    def finished_frames(self, job_id):
+        """Return the job and (frame, file name, path) of done frames."""
+        job = self.farm.db.job(int(job_id))
+        settings = json.loads(job["settings"])
+        frames = [(frame, frame_file_name(job["name"], frame, settings),
+                   self.farm.frame_path(job["id"], frame))
+                  for frame in self.farm.db.done_frames(job["id"])]
+        if not frames:
+            raise NotFound("job %s has no finished frames yet" % job_id)
+        return job, frames
+
+    def api_frames_zip(self, job_id):
+        job, frames = self.finished_frames(job_id)
+        temp_path = self.farm.temp_path(".zip")
+        try:
+            with zipfile.ZipFile(temp_path, "w") as archive:
+                for _, name, path in frames:
+                    archive.write(path, name)
+            self.send_file(temp_path, "application/zip",
+                           safe_file_name(job["name"]) + ".zip",
+                           "attachment")
+        finally:
+            remove_quietly(temp_path)
+
+    def api_animation(self, job_id):
+        job, frames = self.finished_frames(job_id)
+        temp_path = self.farm.temp_path(".png")
+        try:
+            write_apng(temp_path, [path for _, _, path in frames])
+            self.send_file(temp_path, "image/apng",
+                           safe_file_name(job["name"]) + "-animation.png")
+        finally:
+            remove_quietly(temp_path)
 
     def api_workers(self):
         now = time.time()
@@ -3355,6 +3447,12 @@ def render_status_page(jobs, workers, now):
             for frame in list(job["frame_files"])[:100])
         if len(job["frame_files"]) > 100:
             links += " ..."
+        if job["frame_files"]:
+            links += (" <a href='/api/jobs/%d/frames.zip'>all (zip)</a>"
+                      % job["id"])
+        if len(job["frame_files"]) > 1:
+            links += (" <a href='/api/jobs/%d/animation.png'>animated "
+                      "preview</a>" % job["id"])
         error = ("<div class='error'>%s</div>" % escape(job["error"])
                  if job["error"] else "")
         parts.append(

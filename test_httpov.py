@@ -535,6 +535,31 @@ class PngTest(unittest.TestCase):
                 self.assertEqual(decoded_info, info)
                 self.assertEqual(decoded, rows)
 
+    @needs_pillow
+    def test_animated_png_matches_frames(self):
+        info = httpov.ImageInfo(12, 9, 8, 6)
+        frames = [random_rows(12, 9, 4, seed=seed) for seed in (1, 2, 3)]
+        paths = [self.write("f%d.png" % index, info, rows)
+                 for index, rows in enumerate(frames)]
+        target = os.path.join(self.folder, "anim.png")
+        httpov.write_apng(target, paths, delay_ms=100)
+        image = Image.open(target)
+        self.assertEqual(getattr(image, "n_frames", 1), 3)
+        for index, rows in enumerate(frames):
+            image.seek(index)
+            self.assertEqual(image.convert("RGBA").tobytes(),
+                             b"".join(rows), "frame %d" % index)
+        self.assertEqual(image.info.get("duration"), 100)
+
+    def test_animated_png_rejects_mixed_sizes(self):
+        small = self.write("s.png", httpov.ImageInfo(4, 4, 8, 2),
+                           random_rows(4, 4, 3))
+        large = self.write("l.png", httpov.ImageInfo(5, 4, 8, 2),
+                           random_rows(5, 4, 3))
+        with self.assertRaisesRegex(httpov.ImageError, "the first is"):
+            httpov.write_apng(os.path.join(self.folder, "a.png"),
+                              [small, large])
+
     def test_stitch_rejects_wrong_total(self):
         info = httpov.ImageInfo(4, 4, 8, 2)
         path = self.write("a.png", info, random_rows(4, 4, 3))
@@ -1054,6 +1079,18 @@ class EndToEndTest(unittest.TestCase):
         self.assertEqual((info.width, info.height), (320, 240))
         self.assertEqual(actual, expected,
                          "frame 5 differs from a one-machine render")
+
+        archive = os.path.join(self.folder, "all.zip")
+        self.client.download("/api/jobs/%d/frames.zip" % job_id, archive)
+        with zipfile.ZipFile(archive) as frames:
+            self.assertEqual(sorted(frames.namelist()), names)
+        animation = os.path.join(self.folder, "animation.png")
+        self.client.download("/api/jobs/%d/animation.png" % job_id,
+                             animation)
+        with open(animation, "rb") as source:
+            data = source.read()
+        self.assertEqual(data.count(b"fcTL"), 6)
+        self.assertIn(b"acTL", data)
 
     @needs_pillow
     def test_sliced_still_matches_full_render(self):
