@@ -2873,6 +2873,7 @@ class Deadlines:
 # (method, path pattern, handler method name, role needed)
 ROUTES = [
     ("GET", r"/", "page_status", "page"),
+    ("GET", r"/api/openapi\.json", "api_openapi", "page"),
     ("GET", r"/api/jobs", "api_jobs", "admin"),
     ("POST", r"/api/jobs", "api_submit", "admin"),
     ("GET", r"/api/jobs/(\d{1,18})", "api_job", "admin"),
@@ -2966,6 +2967,13 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def do_OPTIONS(self):
         self.dispatch("OPTIONS")
+
+    def __getattr__(self, name):
+        # Every other method (TRACE, QUERY, ...) gets 405 or 404 from the
+        # routes, not http.server's 501, which reads as a server fault.
+        if name.startswith("do_"):
+            return lambda: self.dispatch(name[3:])
+        raise AttributeError(name)
 
     @property
     def farm(self):
@@ -3206,6 +3214,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- API endpoints ------------------------------------------------------
 
+    def api_openapi(self):
+        self.send_json(openapi_document())
+
     def api_jobs(self):
         self.send_json({"jobs": [self.farm.job_summary(job)
                                  for job in self.farm.db.jobs()]})
@@ -3400,6 +3411,171 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         token = self.presented_token()
         return token is not None and hmac.compare_digest(
             token.encode(), self.farm.tokens["admin"].encode())
+
+
+def openapi_document():
+    """Return the OpenAPI 3 description of the JSON API."""
+    error = {"description": "error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}}
+
+    def reply(description, schema=None, media="application/json"):
+        schema = schema or {"type": "object"}
+        return {"description": description,
+                "content": {media: {"schema": schema}}}
+
+    def errors(*codes):
+        # Any request may fail authentication, name an unknown id or use
+        # a method the path does not have.
+        return {str(code): error for code in codes + (401, 404, 405)}
+
+    def json_body(properties, required=()):
+        schema = {"type": "object", "properties": properties}
+        if required:
+            schema["required"] = list(required)
+        return {"required": True, "content": {"application/json": {
+            "schema": schema}}}
+
+    def path_id(name):
+        return {"name": name, "in": "path", "required": True,
+                "schema": {"type": "integer", "minimum": 0,
+                           "maximum": 999999999999999999}}
+
+    zip_body = {"required": True, "description": "a zip archive",
+                "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}}
+    text = {"type": "string"}
+    whole = {"type": "integer"}
+    job_query = [{"name": name, "in": "query", "schema": text}
+                 for name in JOB_OPTION_NAMES]
+    job_query.append({"name": "option", "in": "query", "schema": {
+        "type": "array", "items": text}, "style": "form",
+        "explode": True, "description": "a POV-Ray option, repeatable"})
+    job_path = [path_id("job")]
+    task_path = [path_id("task")]
+    operations = {
+        "/api/jobs": {
+            "get": {"summary": "List jobs", "responses": dict(
+                errors(), **{"200": reply("jobs")})},
+            "post": {"summary": "Submit a job archive",
+                     "parameters": job_query, "requestBody": zip_body,
+                     "responses": dict(errors(400, 411, 413),
+                                       **{"201": reply("the new job")})}},
+        "/api/jobs/{job}": {
+            "parameters": job_path,
+            "get": {"summary": "Show a job", "responses": dict(
+                errors(404), **{"200": reply("the job")})},
+            "post": {"summary": "Change priority or max workers",
+                     "requestBody": json_body({"priority": whole,
+                                               "max_workers": whole}),
+                     "responses": dict(errors(400, 404, 411, 413),
+                                       **{"200": reply("the job")})},
+            "delete": {"summary": "Delete a job", "responses": dict(
+                errors(404), **{"200": reply("deleted")})}},
+        "/api/jobs/{job}/{action}": {
+            "parameters": job_path + [{
+                "name": "action", "in": "path", "required": True,
+                "schema": {"type": "string", "enum": list(JOB_ACTIONS)}}],
+            "post": {"summary": "Pause, resume, cancel, retry or delete",
+                     "responses": dict(errors(404, 409),
+                                       **{"200": reply("new state")})}},
+        "/api/jobs/{job}/tasks": {
+            "parameters": job_path,
+            "get": {"summary": "List a job's tasks", "responses": dict(
+                errors(404), **{"200": reply("tasks")})}},
+        "/api/jobs/{job}/frames/{frame}.png": {
+            "parameters": job_path + [{
+                "name": "frame", "in": "path", "required": True,
+                "schema": {"type": "integer", "minimum": -999999999,
+                           "maximum": 999999999}}],
+            "get": {"summary": "Download a finished frame",
+                    "responses": dict(errors(404), **{"200": reply(
+                        "PNG", {"type": "string", "format": "binary"},
+                        "image/png")})}},
+        "/api/jobs/{job}/frames.zip": {
+            "parameters": job_path,
+            "get": {"summary": "Download all finished frames",
+                    "responses": dict(errors(404), **{"200": reply(
+                        "zip", {"type": "string", "format": "binary"},
+                        "application/zip")})}},
+        "/api/jobs/{job}/animation.png": {
+            "parameters": job_path,
+            "get": {"summary": "Download an animated PNG preview",
+                    "responses": dict(errors(404), **{"200": reply(
+                        "animated PNG", {"type": "string",
+                                         "format": "binary"},
+                        "image/apng")})}},
+        "/api/workers": {
+            "get": {"summary": "List workers", "responses": dict(
+                errors(), **{"200": reply("workers")})},
+            "post": {"summary": "Register a worker",
+                     "requestBody": json_body({"name": text, "group": text,
+                                               "host": text}),
+                     "responses": dict(errors(400, 411, 413),
+                                       **{"201": reply("worker id")})}},
+        "/api/claim": {
+            "post": {"summary": "Lease the next task",
+                     "requestBody": json_body({"worker": whole},
+                                              ["worker"]),
+                     "responses": dict(errors(400, 404, 411, 413, 503),
+                                       **{"200": reply("a task or none")})}},
+        "/api/archives/{archive}.zip": {
+            "parameters": [{"name": "archive", "in": "path",
+                            "required": True, "schema": {
+                                "type": "string",
+                                "pattern": "^[0-9a-f]{64}$"}}],
+            "get": {"summary": "Download a job archive",
+                    "responses": dict(errors(404), **{"200": reply(
+                        "zip", {"type": "string", "format": "binary"},
+                        "application/zip")})}},
+        "/api/tasks/{task}/heartbeat": {
+            "parameters": task_path,
+            "post": {"summary": "Renew a lease",
+                     "requestBody": json_body(
+                         {"attempt": text, "worker": whole,
+                          "progress": {"type": "number"}},
+                         ["attempt", "worker"]),
+                     "responses": dict(errors(400, 404, 409, 411, 413, 503),
+                                       **{"200": reply("continue or stop")})}},
+        "/api/tasks/{task}/result": {
+            "parameters": task_path + [{
+                "name": "attempt", "in": "query", "required": True,
+                "schema": text}],
+            "post": {"summary": "Deliver a result archive",
+                     "requestBody": zip_body,
+                     "responses": dict(errors(400, 409, 411, 413, 503),
+                                       **{"200": reply("accepted")})}},
+        "/api/tasks/{task}/fail": {
+            "parameters": task_path,
+            "post": {"summary": "Report a failed attempt",
+                     "requestBody": json_body(
+                         {"attempt": text, "error": text, "log": text},
+                         ["attempt"]),
+                     "responses": dict(errors(400, 409, 411, 413, 503),
+                                       **{"200": reply("recorded")})}},
+        "/api/tasks/{task}/release": {
+            "parameters": task_path,
+            "post": {"summary": "Give a task back",
+                     "requestBody": json_body({"attempt": text},
+                                              ["attempt"]),
+                     "responses": dict(errors(400, 409, 411, 413, 503),
+                                       **{"200": reply("released")})}},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "httpov", "version": __version__,
+                 "description": "The JSON API of the httpov render farm. "
+                 "The admin token may call everything; the worker token "
+                 "registers workers, claims tasks, downloads archives and "
+                 "delivers results."},
+        "paths": operations,
+        "components": {
+            "securitySchemes": {"token": {"type": "http",
+                                          "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"],
+                                  "properties": {"error": text}}},
+        },
+        "security": [{"token": []}],
+    }
 
 
 PAGE_POLICY = ("default-src 'none'; img-src 'self'; style-src "

@@ -2042,8 +2042,10 @@ class HostileInputTest(unittest.TestCase):
              b"{}", {}, "worker", 404, "no such page"),
             ("wrong method", "PUT", "/api/jobs", b"", {}, "admin", 405,
              "not allowed"),
-            ("unknown method", "BREW", "/", b"", {}, "admin", 501,
-             "Unsupported method"),
+            ("unknown method", "BREW", "/", b"", {}, "admin", 405,
+             "not allowed"),
+            ("unknown method on unknown path", "BREW", "/nowhere", b"", {},
+             "admin", 404, "no such page"),
             ("archive traversal", "GET", "/api/archives/../tokens.json", b"",
              {}, "worker", 404, "no such page"),
             ("encoded traversal", "GET", "/api/archives/%2e%2e%2ftokens.json",
@@ -2258,6 +2260,62 @@ class FuzzTest(unittest.TestCase):
 def collections_counter():
     import collections
     return collections.Counter()
+
+
+@needs_povray
+class OpenApiTest(unittest.TestCase):
+    """The API description covers every route, and schemathesis finds no
+    server error or response that breaks it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.folder = make_temp_dir(prefix="httpov-openapi-")
+        cls.server = ServerProcess(os.path.join(cls.folder, "data"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    def test_document_covers_every_route(self):
+        document = json.loads(urllib.request.urlopen(
+            self.server.url + "api/openapi.json", timeout=10).read())
+        self.assertEqual(document["openapi"], "3.0.3")
+        operations = [(method.upper(), path)
+                      for path, item in document["paths"].items()
+                      for method in item if method != "parameters"]
+        routes = [route for route in httpov.ROUTES
+                  if route[1].startswith("/api/") and
+                  route[2] != "api_openapi"]
+        self.assertEqual(len(operations), len(routes))
+        for method, path in operations:
+            with self.subTest(operation=(method, path)):
+                example = path.replace("{action}", "pause").replace(
+                    "{archive}", "0" * 64)
+                example = re.sub(r"\{\w+\}", "1", example)
+                handler = FakeRequest()
+                route, _ = httpov.FarmRequestHandler.find_route(
+                    handler, method, example)
+                self.assertEqual(route[0], method)
+
+    @needs_tool("st")
+    def test_schemathesis_finds_no_failure(self):
+        result = subprocess.run(
+            ["st", "run", self.server.url + "api/openapi.json", "-H",
+             "Authorization: Bearer " + self.server.admin,
+             "--max-examples", "15", "--seed", "1", "--checks",
+             "not_a_server_error,status_code_conformance,"
+             "content_type_conformance,response_schema_conformance",
+             "--request-timeout", "10"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=600)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:])
+        with open(self.server.log_path) as source:
+            self.assertNotIn("Traceback", source.read())
+
+
+class FakeRequest:
+    """Stands in for a request handler where only routing is tested."""
 
 
 # ---------------------------------------------------------------------------
