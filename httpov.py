@@ -139,8 +139,8 @@ HEADER_TIMEOUT_SECONDS = 20       # request line and headers, and idle
 MIN_UPLOAD_BYTES_PER_SECOND = 64 * 1024  # slower bodies are cut off
 MAX_HEADER_BYTES = 16 * 1024      # all request headers together
 DEFAULT_MAX_CONNECTIONS = 512     # connections handled at once
-# NOTE: there is no cap per client address, so a client that holds many
-# idle connections can keep others waiting until the header deadline.
+# NOTE: there is no cap per client address, so a client that keeps many
+# idle connections open can make others wait until the header deadline.
 COPY_CHUNK_BYTES = 1 << 20        # 1 MiB: streaming buffer size
 MAX_DRAINED_BYTES = 16 << 20      # 16 MiB: rejected body still read, so
                                   # the client sees the error response
@@ -1307,6 +1307,38 @@ def stitch_pngs(target, slice_paths, width, height):
     write_png(target, first._replace(height=height), all_scanlines(), extra)
 
 
+def write_partial_frame(target, parts, width):
+    """Stack the slices that have arrived, with black rows for the rest.
+
+    ``parts`` lists (slice path or None, row count) from the top. At
+    least one part must have a path. Used for the live preview of a
+    frame in progress.
+    """
+    paths = [path for path, _ in parts if path]
+    info, extra, scanlines = read_png_scanlines(paths[0])
+    scanlines.close()
+    if info.width != width:
+        raise ImageError("slice is %d pixels wide, the frame %d"
+                         % (info.width, width))
+    blank = bytes(info.row_bytes)
+
+    def all_scanlines():
+        for path, rows in parts:
+            if path is None:
+                for _ in range(rows):
+                    yield 0, blank
+                continue
+            _, _, lines = read_png_scanlines(path)
+            for number, (filter_type, line) in enumerate(lines):
+                if number == 0:
+                    filter_type, line = first_row_filter(
+                        filter_type, line, info.pixel_bytes)
+                yield filter_type, line
+
+    height = sum(rows for _, rows in parts)
+    write_png(target, info._replace(height=height), all_scanlines(), extra)
+
+
 def read_ppm_header(stream):
     """Read a binary PPM (P6) header; return its ImageInfo.
 
@@ -1560,9 +1592,9 @@ class Database:
                 isolation_level=None)
             connection.row_factory = self.sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
-            # NORMAL keeps the database consistent after any crash; a
-            # power cut may roll back the last commits, and their tasks
-            # are then rendered again, never lost or accepted twice.
+            # NORMAL keeps the database consistent after any crash. A power
+            # cut may roll back the last commits, so their tasks are then
+            # rendered again, but never lost or accepted twice.
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
             self.local.connection = connection
@@ -2100,6 +2132,14 @@ class Database:
                        " WHERE id = ?", (now, job_id))
             return True
         return False
+
+    def frame_slices(self, job_id, frame):
+        """Return (task id, first row, last row, state) of a frame's
+        slice tasks, top slice first."""
+        return self.query(
+            "SELECT id, row_first, row_last, state FROM tasks WHERE"
+            " job_id = ? AND frame_first = ? ORDER BY row_first",
+            (job_id, frame))
 
     def frame_tasks(self, job_id, frame):
         """Return the ids of a frame's slice tasks, top slice first."""
@@ -2831,7 +2871,7 @@ class Deadlines:
     """Closes connections whose client is too slow to send.
 
     A handler registers its socket with a deadline before it reads the
-    request headers or a body, and forgets it afterwards. Once a second
+    request headers or a body, and removes it afterwards. Once a second
     the sockets past their deadline are shut down, which ends the read
     that waits on them.
     """
@@ -2888,6 +2928,10 @@ ROUTES = [
      "admin"),
     ("GET", r"/api/jobs/(\d{1,18})/animation\.png", "api_animation",
      "admin"),
+    ("GET", r"/api/jobs/(\d{1,18})/preview/(-?\d{1,18})\.png",
+     "api_preview", "admin"),
+    ("GET", r"/jobs/(\d{1,18})", "page_job", "page"),
+    ("POST", r"/jobs/(\d{1,18})/control", "page_job_control", "page"),
     ("GET", r"/api/workers", "api_workers", "admin"),
     ("POST", r"/api/workers", "api_register", "worker"),
     ("POST", r"/api/claim", "api_claim", "worker"),
@@ -3022,7 +3066,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             self.send_json({"error": message}, status, headers)
         except OSError:
-            # The client is gone; there is nobody to tell.
+            # The client has closed the connection, so the error is
+            # dropped.
             self.close_connection = True
 
     def find_route(self, method, path):
@@ -3312,6 +3357,32 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             remove_quietly(temp_path)
 
+    def api_preview(self, job_id, frame):
+        """Send a frame as far as it is rendered: the finished PNG, or
+        the slices that have arrived with black rows for the rest."""
+        job = self.farm.db.job(int(job_id))
+        frame = int(frame)
+        if self.farm.db.frame_done(job["id"], frame):
+            self.send_file(self.farm.frame_path(job["id"], frame),
+                           "image/png")
+            return
+        parts = []
+        for task in self.farm.db.frame_slices(job["id"], frame):
+            path = self.farm.slice_path(job["id"], frame, task["id"])
+            done = task["state"] == "done" and os.path.exists(path)
+            parts.append((path if done else None,
+                          task["row_last"] - task["row_first"] + 1))
+        if len(parts) < 2 or not any(path for path, _ in parts):
+            raise NotFound("frame %d of job %s has no finished slice yet"
+                           % (frame, job_id))
+        temp_path = self.farm.temp_path(".png")
+        try:
+            write_partial_frame(temp_path, parts,
+                                json.loads(job["settings"])["width"])
+            self.send_file(temp_path, "image/png")
+        finally:
+            remove_quietly(temp_path)
+
     def api_workers(self):
         now = time.time()
         workers = []
@@ -3404,8 +3475,61 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         jobs = [self.farm.job_summary(job, detail=True)
                 for job in self.farm.db.jobs()]
-        page = render_status_page(jobs, self.farm.db.workers(), time.time())
+        page = render_status_page(jobs, self.farm.db.workers(), time.time(),
+                                  STALE_WORKER_SECONDS)
         self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
+
+    def may_read_pages(self):
+        return self.farm.public_status or self.has_session() or \
+            self.is_admin_request()
+
+    def page_job(self, job_id):
+        if not self.may_read_pages():
+            self.send_bytes(render_login_page().encode(),
+                            "text/html; charset=utf-8", 401)
+            return
+        job = self.farm.job_summary(self.farm.db.job(int(job_id)),
+                                    detail=True)
+        tasks = [self.farm.task_summary(task, False) for task in
+                 self.farm.db.tasks(int(job_id), limit=MAX_GRID_TASKS)]
+        page = render_job_page(job, tasks, self.csrf_token(), time.time())
+        self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
+
+    def csrf_token(self):
+        return hmac.new(self.farm.session.encode(), b"csrf",
+                        hashlib.sha256).hexdigest()
+
+    def page_job_control(self, job_id):
+        """Apply a form of the job page: an action or new settings.
+
+        The form needs the session cookie and its CSRF token, so another
+        site cannot submit it in the user's name.
+        """
+        length = self.content_length(MAX_JSON_BYTES)
+        form = urllib.parse.parse_qs(self.rfile.read(length).decode(
+            "utf-8", "replace"))
+        self.body_read = True
+        csrf = (form.get("csrf") or [""])[0]
+        if not (self.has_session() and hmac.compare_digest(
+                csrf.encode(), self.csrf_token().encode())):
+            raise Unauthorized("invalid or missing CSRF token; reload the "
+                               "job page and try again")
+        action = (form.get("action") or [""])[0]
+        target = "/jobs/%d" % int(job_id)
+        if action in JOB_ACTIONS:
+            self.farm.control(int(job_id), action)
+            if action == "delete":
+                target = "/"
+        elif action == "update":
+            self.farm.db.update_job(
+                int(job_id),
+                parse_int((form.get("priority") or ["0"])[0], "priority",
+                          -1000000, 1000000),
+                parse_int((form.get("max_workers") or ["0"])[0],
+                          "max workers", 0, 1000000))
+        else:
+            raise UserError("unknown form action %r" % action)
+        self.send_bytes(b"", "text/plain", 303, {"Location": target})
 
     def is_admin_request(self):
         token = self.presented_token()
@@ -3497,6 +3621,15 @@ def openapi_document():
                     "responses": dict(errors(404), **{"200": reply(
                         "zip", {"type": "string", "format": "binary"},
                         "application/zip")})}},
+        "/api/jobs/{job}/preview/{frame}.png": {
+            "parameters": job_path + [{
+                "name": "frame", "in": "path", "required": True,
+                "schema": {"type": "integer", "minimum": -999999999,
+                           "maximum": 999999999}}],
+            "get": {"summary": "Download a frame as far as it is rendered",
+                    "responses": dict(errors(), **{"200": reply(
+                        "PNG", {"type": "string", "format": "binary"},
+                        "image/png")})}},
         "/api/jobs/{job}/animation.png": {
             "parameters": job_path,
             "get": {"summary": "Download an animated PNG preview",
@@ -3581,6 +3714,10 @@ def openapi_document():
 PAGE_POLICY = ("default-src 'none'; img-src 'self'; style-src "
                "'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; "
                "base-uri 'none'")
+MAX_GRID_TASKS = 5000             # tasks shown in a job page's grid
+STALE_WORKER_SECONDS = 30         # a worker polls or beats every 10 s
+TASK_COLOURS = {"queued": "#ccc", "leased": "#e9b949", "done": "#3a7",
+                "failed": "#c33"}
 PAGE_STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
@@ -3589,7 +3726,105 @@ th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd;
 .bar { width: 12em; height: 0.9em; background: #eee; }
 .bar div { height: 100%; background: #3a7; }
 .error { color: #a22; }
+.grid span { display: inline-block; width: 0.8em; height: 0.8em;
+             margin: 1px; }
+img.thumb { width: 160px; margin: 2px; border: 1px solid #ccc; }
+pre { background: #f4f4f4; padding: 0.5em; max-height: 20em;
+      overflow: auto; }
 """
+
+
+def format_seconds(seconds):
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return "%dh %02dm" % (seconds // 3600, seconds % 3600 // 60)
+    if seconds >= 60:
+        return "%dm %02ds" % (seconds // 60, seconds % 60)
+    return "%ds" % seconds
+
+
+def job_timing(job, now):
+    """Return (elapsed seconds, estimated seconds left) of a job."""
+    if not job["started"]:
+        return None, None
+    end = job["finished"] or now
+    elapsed = end - job["started"]
+    done = job["tasks_done"]
+    if job["finished"] or not done:
+        return elapsed, None
+    left = job["tasks"] - done
+    return elapsed, elapsed / done * left
+
+
+def render_job_page(job, tasks, csrf, now):
+    """Return the HTML of a job's page; every value is escaped."""
+    escape = html.escape
+    elapsed, left = job_timing(job, now)
+    fraction = job["tasks_done"] / max(job["tasks"], 1)
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
+             "<meta http-equiv='refresh' content='5'>",
+             "<title>httpov job %d</title><style>%s</style></head><body>"
+             % (job["id"], PAGE_STYLE),
+             "<p><a href='/'>all jobs</a></p>",
+             "<h1>Job %d: %s</h1>" % (job["id"], escape(job["name"])),
+             "<p>State <b>%s</b>, %.0f%% of %d tasks, frames %d / %d, "
+             "%dx%d, elapsed %s, about %s left.</p>"
+             % (escape(job["state"]), 100 * fraction, job["tasks"],
+                job["frames_done"], job["frames"], job["width"],
+                job["height"], format_seconds(elapsed),
+                format_seconds(left))]
+    if job["error"]:
+        parts.append("<p class='error'>%s</p>" % escape(job["error"]))
+    parts.append("<form method='post' action='/jobs/%d/control'>"
+                 "<input type='hidden' name='csrf' value='%s'>"
+                 % (job["id"], escape(csrf)))
+    for action in JOB_ACTIONS:
+        parts.append("<button name='action' value='%s'>%s</button> "
+                     % (action, action))
+    parts.append("</form><form method='post' action='/jobs/%d/control'>"
+                 "<input type='hidden' name='csrf' value='%s'>"
+                 "Priority <input name='priority' value='%d' size='5'> "
+                 "Max workers <input name='max_workers' value='%d' "
+                 "size='5'> <button name='action' value='update'>set"
+                 "</button></form>"
+                 % (job["id"], escape(csrf), job["priority"],
+                    job["max_workers"]))
+    parts.append("<h2>Tasks</h2><div class='grid'>")
+    for task in tasks:
+        label = "task %d: frames %d-%d, rows %d-%d, %s" % (
+            task["id"], task["frame_first"], task["frame_last"],
+            task["row_first"], task["row_last"], task["state"])
+        parts.append("<span title='%s' style='background:%s'></span>"
+                     % (escape(label), TASK_COLOURS.get(task["state"],
+                                                        "#888")))
+    parts.append("</div>")
+    running = job["running_tasks"]
+    if running and job["slices_per_frame"] > 1:
+        frame = running[0]["frame_first"]
+        parts.append("<h2>Frame %d in progress</h2><img class='thumb' "
+                     "style='width:320px' alt='frame %d so far' "
+                     "src='/api/jobs/%d/preview/%d.png'>"
+                     % (frame, frame, job["id"], frame))
+    if job["done_frames"]:
+        parts.append("<h2>Finished frames</h2><p>"
+                     "<a href='/api/jobs/%d/frames.zip'>all (zip)</a> "
+                     "<a href='/api/jobs/%d/animation.png'>animated "
+                     "preview</a></p>" % (job["id"], job["id"]))
+        for frame in job["done_frames"][:48]:
+            parts.append("<a href='/api/jobs/%d/frames/%d.png'><img "
+                         "class='thumb' alt='frame %d' src='/api/jobs/%d/"
+                         "frames/%d.png'></a>"
+                         % (job["id"], frame, frame, job["id"], frame))
+    for task in job["failed_tasks"][:20]:
+        parts.append("<h3>Failed task %d (worker %s)</h3><p class='error'>"
+                     "%s</p><pre>%s</pre>"
+                     % (task["id"], escape(str(task["failed_worker"])),
+                        escape(task["error"] or ""),
+                        escape((task["log"] or "")[-4000:])))
+    parts.append("</body></html>")
+    return "".join(parts)
 
 
 def render_login_page(problem=""):
@@ -3600,7 +3835,7 @@ def render_login_page(problem=""):
             "</body></html>" % html.escape(problem))
 
 
-def render_status_page(jobs, workers, now):
+def render_status_page(jobs, workers, now, stale_seconds):
     """Return the HTML of the status page; every value is escaped."""
     escape = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -3614,6 +3849,7 @@ def render_status_page(jobs, workers, now):
     else:
         parts.append("<table><tr><th>Job</th><th>Name</th><th>State</th>"
                      "<th>Progress</th><th>Frames</th><th>Tasks</th>"
+                     "<th>Elapsed</th><th>Left (about)</th>"
                      "<th>Finished frames</th></tr>")
     for job in jobs:
         fraction = job["tasks_done"] / max(job["tasks"], 1)
@@ -3631,15 +3867,17 @@ def render_status_page(jobs, workers, now):
                       "preview</a>" % job["id"])
         error = ("<div class='error'>%s</div>" % escape(job["error"])
                  if job["error"] else "")
+        elapsed, left = job_timing(job, now)
         parts.append(
-            "<tr><td>%d</td><td>%s%s</td><td>%s</td>"
+            "<tr><td><a href='/jobs/%d'>%d</a></td><td>%s%s</td><td>%s</td>"
             "<td><div class='bar'><div style='width:%.1f%%'></div></div>"
             "%.0f%%</td><td>%d / %d</td><td>%d / %d (%d running)</td>"
-            "<td>%s</td></tr>"
-            % (job["id"], escape(job["name"]), error, escape(job["state"]),
-               100 * fraction, 100 * fraction, job["frames_done"],
-               job["frames"], job["tasks_done"], job["tasks"],
-               job["tasks_running"], links))
+            "<td>%s</td><td>%s</td><td>%s</td></tr>"
+            % (job["id"], job["id"], escape(job["name"]), error,
+               escape(job["state"]), 100 * fraction, 100 * fraction,
+               job["frames_done"], job["frames"], job["tasks_done"],
+               job["tasks"], job["tasks_running"], format_seconds(elapsed),
+               format_seconds(left), links))
     if jobs:
         parts.append("</table>")
     parts.append("<h2>Workers</h2>")
@@ -3648,16 +3886,23 @@ def render_status_page(jobs, workers, now):
                      "<code>httpov.py work URL</code>.</p>")
     else:
         parts.append("<table><tr><th>Worker</th><th>Name</th><th>Group</th>"
-                     "<th>Task</th><th>Tasks done</th><th>Last seen</th>"
-                     "</tr>")
+                     "<th>State</th><th>Task</th><th>Tasks done</th>"
+                     "<th>Average task</th><th>Last seen</th></tr>")
         for worker in workers:
+            seen = now - worker["last_seen"]
+            if seen > stale_seconds:
+                state = "offline"
+            else:
+                state = "busy" if worker["task_id"] else "idle"
+            average = (worker["render_seconds"] / worker["tasks_done"]
+                       if worker["tasks_done"] else None)
             parts.append(
                 "<tr><td>%d</td><td>%s</td><td>%s</td><td>%s</td>"
-                "<td>%d</td><td>%.0f s ago</td></tr>"
+                "<td>%s</td><td>%d</td><td>%s</td><td>%.0f s ago</td></tr>"
                 % (worker["id"], escape(worker["name"]),
-                   escape(worker["grp"]),
+                   escape(worker["grp"]), state,
                    escape(str(worker["task_id"] or "")),
-                   worker["tasks_done"], now - worker["last_seen"]))
+                   worker["tasks_done"], format_seconds(average), seen))
         parts.append("</table>")
     parts.append("</body></html>")
     return "".join(parts)

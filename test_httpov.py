@@ -2314,6 +2314,91 @@ class OpenApiTest(unittest.TestCase):
             self.assertNotIn("Traceback", source.read())
 
 
+@needs_povray
+class JobPageTest(unittest.TestCase):
+    """The job page, its CSRF-protected forms and the live preview."""
+
+    def setUp(self):
+        self.folder = make_temp_dir(prefix="httpov-page-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.server = ServerProcess(os.path.join(self.folder, "data"))
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        query = urllib.parse.urlencode(
+            [("name", "<script>x</script> caf\u00e9"), ("slices", "2"),
+             ("option", "+W40"), ("option", "+H40")])
+        self.job = self.client.upload("/api/jobs?" + query, self.zip())
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor())
+        self.opener.open(self.server.url + "?token=" + self.server.admin,
+                         timeout=10)
+
+    def zip(self):
+        path = os.path.join(self.folder, "job.zip")
+        with open(path, "wb") as out:
+            out.write(zip_bytes(GOOD_SCENE))
+        return path
+
+    def page(self):
+        return self.opener.open(self.server.url + "jobs/%d"
+                                % self.job["id"], timeout=10).read().decode()
+
+    def test_job_page_shows_job_escaped(self):
+        text = self.page()
+        self.assertIn("&lt;script&gt;x&lt;/script&gt; caf\u00e9", text)
+        self.assertNotIn("<script>", text)
+        self.assertEqual(text.count("class='grid'"), 1)
+        self.assertEqual(text.count("<span title='task"), 2)
+
+    def test_control_needs_csrf_token(self):
+        form = urllib.parse.urlencode({"action": "pause"}).encode()
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            self.opener.open(self.server.url + "jobs/%d/control"
+                             % self.job["id"], data=form, timeout=10)
+        self.assertEqual(caught.exception.code, 401)
+        csrf = re.search(r"name='csrf' value='(\w+)'", self.page()).group(1)
+        form = urllib.parse.urlencode({"action": "pause",
+                                       "csrf": csrf}).encode()
+        self.opener.open(self.server.url + "jobs/%d/control"
+                         % self.job["id"], data=form, timeout=10)
+        job = self.client.call("GET", "/api/jobs/%d" % self.job["id"])
+        self.assertEqual(job["state"], "paused")
+        form = urllib.parse.urlencode({"action": "update", "csrf": csrf,
+                                       "priority": "7",
+                                       "max_workers": "3"}).encode()
+        self.opener.open(self.server.url + "jobs/%d/control"
+                         % self.job["id"], data=form, timeout=10)
+        job = self.client.call("GET", "/api/jobs/%d" % self.job["id"])
+        self.assertEqual((job["priority"], job["max_workers"]), (7, 3))
+
+    def test_preview_of_frame_in_progress(self):
+        worker = httpov.ApiClient(self.server.url, self.server.worker)
+        self.addCleanup(worker.close)
+        worker_id = worker.call("POST", "/api/workers", {})["worker"]
+        with self.assertRaises(httpov.ApiError) as caught:
+            self.client.call("GET", "/api/jobs/%d/preview/0.png"
+                             % self.job["id"])
+        self.assertEqual(caught.exception.status, 404)
+        task = worker.call("POST", "/api/claim", {"worker": worker_id})
+        task = task["task"]
+        self.assertEqual((task["row_first"], task["row_last"]), (1, 32))
+        rows = [bytes([200, 100, 50]) * 40] * 32
+        image = os.path.join(self.folder, "slice.png")
+        httpov.write_png(image, httpov.ImageInfo(40, 32, 8, 2),
+                         [(0, row) for row in rows])
+        upload = result_zip(os.path.join(self.folder, "r.zip"),
+                            {"slice.png": image})
+        worker.upload("/api/tasks/%d/result?attempt=%s"
+                      % (task["id"], task["attempt"]), upload)
+        target = os.path.join(self.folder, "preview.png")
+        self.client.download("/api/jobs/%d/preview/0.png" % self.job["id"],
+                             target)
+        info, pixels = decode_rows(target)
+        self.assertEqual((info.width, info.height), (40, 40))
+        self.assertEqual(pixels, b"".join(rows) + bytes(8 * 40 * 3))
+
+
 class FakeRequest:
     """Stands in for a request handler where only routing is tested."""
 
