@@ -2931,6 +2931,8 @@ ROUTES = [
     ("GET", r"/api/jobs/(\d{1,18})/preview/(-?\d{1,18})\.png",
      "api_preview", "admin"),
     ("GET", r"/jobs/(\d{1,18})", "page_job", "page"),
+    ("GET", r"/submit", "page_submit", "page"),
+    ("POST", r"/submit", "page_submit_upload", "page"),
     ("POST", r"/jobs/(\d{1,18})/control", "page_job_control", "page"),
     ("GET", r"/api/workers", "api_workers", "admin"),
     ("POST", r"/api/workers", "api_register", "worker"),
@@ -3531,6 +3533,58 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             raise UserError("unknown form action %r" % action)
         self.send_bytes(b"", "text/plain", 303, {"Location": target})
 
+    def page_submit(self):
+        if not self.has_session() and not self.is_admin_request():
+            self.send_bytes(render_login_page().encode(),
+                            "text/html; charset=utf-8", 401)
+            return
+        self.send_bytes(render_submit_page(self.csrf_token()).encode(),
+                        "text/html; charset=utf-8", 200)
+
+    def page_submit_upload(self):
+        """Create a job from the submit page's multipart form."""
+        match = re.match(r"^multipart/form-data;\s*boundary=\"?([^\";]+)",
+                         self.headers.get("Content-Type", ""))
+        if not match:
+            raise UserError("expected a multipart/form-data upload")
+        upload = self.read_body_to_file(
+            self.farm.max_job_bytes + MAX_JSON_BYTES, ".form")
+        archive = self.farm.temp_path(".zip")
+        try:
+            fields, file_name = parse_multipart(
+                upload, match.group(1).encode("latin-1"), archive,
+                self.farm.max_job_bytes)
+            csrf = fields.get("csrf", "")
+            if not (self.has_session() and hmac.compare_digest(
+                    csrf.encode(), self.csrf_token().encode())):
+                raise Unauthorized("invalid or missing CSRF token; reload "
+                                   "the submit page and try again")
+            if not file_name:
+                raise UserError("no file chosen: pick a .zip, .pov or "
+                                ".ini file")
+            if not file_name.lower().endswith(".zip"):
+                single = os.path.basename(file_name.replace("\\", "/"))
+                if not single.lower().endswith(SCENE_SUFFIXES):
+                    raise UserError("%r is not a .zip, .pov or .ini file"
+                                    % single)
+                check_member_name(single)
+                wrapped = self.farm.temp_path(".zip")
+                with zipfile.ZipFile(wrapped, "w") as job_zip:
+                    job_zip.write(archive, single)
+                os.replace(wrapped, archive)
+            options = {name: fields[name] for name in JOB_OPTION_NAMES
+                       if fields.get(name, "").strip()}
+            options.setdefault("name", os.path.splitext(
+                os.path.basename(file_name.replace("\\", "/")))[0])
+            options["povray_options"] = fields.get(
+                "povray_options", "").split()
+            summary = self.farm.submit(archive, options)
+        finally:
+            remove_quietly(upload)
+            remove_quietly(archive)
+        self.send_bytes(b"", "text/plain", 303,
+                        {"Location": "/jobs/%d" % summary["id"]})
+
     def is_admin_request(self):
         token = self.presented_token()
         return token is not None and hmac.compare_digest(
@@ -3758,6 +3812,102 @@ def job_timing(job, now):
     return elapsed, elapsed / done * left
 
 
+def render_submit_page(csrf):
+    """Return the HTML of the submit page."""
+    fields = "".join(
+        "<p><label>%s <input name='%s'></label></p>" % (label, name)
+        for name, label in (
+            ("name", "Name"), ("frames", "Frames (FIRST-LAST)"),
+            ("slices", "Slices per frame"),
+            ("rows_per_slice", "or rows per slice"),
+            ("frames_per_task", "Frames per task (empty: adaptive)"),
+            ("max_workers", "Max workers (0: no limit)"),
+            ("priority", "Priority"),
+            ("scene", "Scene or INI inside the zip"),
+            ("povray_options", "POV-Ray options (+W640 +H480 ...)")))
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            "<title>httpov: submit</title><style>%s</style></head><body>"
+            "<p><a href='/'>all jobs</a></p><h1>Submit a job</h1>"
+            "<form method='post' action='/submit' "
+            "enctype='multipart/form-data'>"
+            "<input type='hidden' name='csrf' value='%s'>"
+            "<p><label>Scene: a .zip of the job folder, or one .pov or .ini "
+            "<input type='file' name='file' accept='.zip,.pov,.ini'>"
+            "</label></p>%s<p><button>Submit</button></p></form>"
+            "</body></html>" % (PAGE_STYLE, html.escape(csrf), fields))
+
+
+def parse_multipart(path, boundary, file_target, max_file_bytes):
+    """Parse a multipart/form-data body stored in ``path``.
+
+    The part named "file" is streamed to ``file_target``; the other
+    fields are returned as text. Returns (fields, uploaded file name).
+    """
+    delimiter = b"\r\n--" + boundary
+    fields = {}
+    file_name = None
+    with open(path, "rb") as source:
+        buffer = b"\r\n" + source.read(COPY_CHUNK_BYTES)
+        start = buffer.find(delimiter)
+        if start < 0:
+            raise UserError("multipart body has no boundary")
+        buffer = buffer[start + len(delimiter):]
+        while True:
+            while len(buffer) < 4:
+                more = source.read(COPY_CHUNK_BYTES)
+                if not more:
+                    raise UserError("multipart body is truncated")
+                buffer += more
+            if buffer.startswith(b"--"):
+                return fields, file_name
+            if not buffer.startswith(b"\r\n"):
+                raise UserError("multipart body is malformed")
+            buffer = buffer[2:]
+            while b"\r\n\r\n" not in buffer:
+                more = source.read(COPY_CHUNK_BYTES)
+                if not more or len(buffer) > MAX_HEADER_BYTES:
+                    raise UserError("multipart part headers are malformed")
+                buffer += more
+            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            disposition = ""
+            for line in head.decode("utf-8", "replace").split("\r\n"):
+                if line.lower().startswith("content-disposition:"):
+                    disposition = line
+            name_match = re.search(r'\bname="([^"]*)"', disposition)
+            file_match = re.search(r'\bfilename="([^"]*)"', disposition)
+            name = name_match.group(1) if name_match else ""
+            is_file = name == "file"
+            limit = max_file_bytes if is_file else MAX_JSON_BYTES
+            written = 0
+            out = open(file_target, "wb") if is_file else io.BytesIO()
+            with out:
+                while True:
+                    end = buffer.find(delimiter)
+                    if end >= 0:
+                        piece, buffer = buffer[:end], buffer[end +
+                                                             len(delimiter):]
+                    else:
+                        keep = len(delimiter)
+                        piece, buffer = buffer[:-keep], buffer[-keep:]
+                    written += len(piece)
+                    if written > limit:
+                        raise TooLarge("form field %r is larger than %d "
+                                       "bytes" % (name, limit))
+                    out.write(piece)
+                    if end >= 0:
+                        break
+                    more = source.read(COPY_CHUNK_BYTES)
+                    if not more:
+                        raise UserError("multipart body is truncated")
+                    buffer += more
+                if is_file:
+                    file_name = file_match.group(1) if file_match else None
+                    if not written:
+                        file_name = None
+                else:
+                    fields[name] = out.getvalue().decode("utf-8", "replace")
+
+
 def render_job_page(job, tasks, csrf, now):
     """Return the HTML of a job's page; every value is escaped."""
     escape = html.escape
@@ -3842,7 +3992,8 @@ def render_status_page(jobs, workers, now, stale_seconds):
              "<meta http-equiv='refresh' content='5'>",
              "<title>httpov status</title><style>%s</style></head><body>"
              % PAGE_STYLE,
-             "<h1>httpov</h1><h2>Jobs</h2>"]
+             "<h1>httpov</h1><p><a href='/submit'>Submit a job</a></p>"
+             "<h2>Jobs</h2>"]
     if not jobs:
         parts.append("<p>No jobs yet. Submit one with "
                      "<code>httpov.py submit</code>.</p>")
@@ -4237,9 +4388,10 @@ def sandbox_command(bwrap, povray, povini, scene_dir, output_dir,
                     home_dir):
     """Return the bubblewrap prefix that confines POV-Ray.
 
-    POV-Ray sees /usr and the POV-Ray installation read-only, its task's
-    scene, output and home folders read-write, and no network. The root
-    of the sandbox is read-only, so ``../escape.txt`` cannot be written.
+    Inside, POV-Ray can read /usr and the POV-Ray installation, can read
+    and write its task's scene, output and home folders, and has no
+    network. The root of the sandbox is read-only, so ``../escape.txt``
+    cannot be written.
     """
     command = [bwrap, "--unshare-all", "--die-with-parent", "--new-session",
                "--ro-bind", "/usr", "/usr"]

@@ -2399,6 +2399,78 @@ class JobPageTest(unittest.TestCase):
         self.assertEqual(pixels, b"".join(rows) + bytes(8 * 40 * 3))
 
 
+def multipart_body(fields, file_name, file_data):
+    """Encode a multipart/form-data body; return (content type, bytes)."""
+    boundary = "----httpov-test-boundary"
+    parts = []
+    for name, value in fields.items():
+        parts.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\""
+                      "\r\n\r\n%s\r\n" % (boundary, name, value)).encode())
+    parts.append(("--%s\r\nContent-Disposition: form-data; name=\"file\"; "
+                  "filename=\"%s\"\r\nContent-Type: application/octet-"
+                  "stream\r\n\r\n" % (boundary, file_name)).encode() +
+                 file_data + b"\r\n")
+    parts.append(("--%s--\r\n" % boundary).encode())
+    return ("multipart/form-data; boundary=%s" % boundary,
+            b"".join(parts))
+
+
+@needs_povray
+class SubmitPageTest(unittest.TestCase):
+
+    def setUp(self):
+        self.folder = make_temp_dir(prefix="httpov-submit-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.server = ServerProcess(os.path.join(self.folder, "data"))
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor())
+        self.opener.open(self.server.url + "?token=" + self.server.admin,
+                         timeout=10)
+        page = self.opener.open(self.server.url + "submit",
+                                timeout=10).read().decode()
+        self.csrf = re.search(r"name='csrf' value='(\w+)'", page).group(1)
+
+    def post(self, fields, file_name, data):
+        content_type, body = multipart_body(fields, file_name, data)
+        request = urllib.request.Request(
+            self.server.url + "submit", data=body,
+            headers={"Content-Type": content_type})
+        return self.opener.open(request, timeout=30)
+
+    def test_submit_pov_file(self):
+        response = self.post({"csrf": self.csrf, "slices": "2",
+                              "povray_options": "+W32 +H40"},
+                             "ball.pov", SPHERE_SCENE)
+        job_id = int(response.geturl().rstrip("/").rsplit("/", 1)[1])
+        job = self.client.call("GET", "/api/jobs/%d" % job_id)
+        self.assertEqual(job["name"], "ball")
+        self.assertEqual((job["width"], job["height"]), (32, 40))
+        self.assertEqual(job["slices_per_frame"], 2)
+
+    def test_submit_zip(self):
+        response = self.post({"csrf": self.csrf, "name": "zipped"},
+                             "job.zip", zip_bytes(ANIMATED_SCENE))
+        job_id = int(response.geturl().rstrip("/").rsplit("/", 1)[1])
+        job = self.client.call("GET", "/api/jobs/%d" % job_id)
+        self.assertEqual((job["name"], job["frames"]), ("zipped", 10))
+
+    def test_submit_needs_csrf(self):
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            self.post({"csrf": "wrong"}, "ball.pov", SPHERE_SCENE)
+        self.assertEqual(caught.exception.code, 401)
+        self.assertEqual(self.client.call("GET", "/api/jobs")["jobs"], [])
+
+    def test_submit_bad_scene_explains(self):
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            self.post({"csrf": self.csrf}, "notes.txt", b"hello")
+        self.assertEqual(caught.exception.code, 400)
+        self.assertIn("not a .zip, .pov or .ini",
+                      json.loads(caught.exception.read().decode())["error"])
+
+
 class FakeRequest:
     """Stands in for a request handler where only routing is tested."""
 
