@@ -56,6 +56,7 @@ Sections of this file, in the order data flows through them
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import hmac
 import html
@@ -243,19 +244,32 @@ def parse_frame_range(text):
     return first, last
 
 
-def write_file_atomically(path, data):
-    """Write bytes to ``path`` through a temporary file and a rename."""
-    folder = os.path.dirname(path) or "."
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+@contextlib.contextmanager
+def atomic_output(path, suffix=""):
+    """Yield a binary file that replaces ``path`` once fully written.
+
+    The data goes to a temporary name beside ``path``, is synced to disk
+    and renamed, so a half-written file is never visible. On an error
+    the temporary file is removed.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-",
+                                         suffix=suffix)
     try:
-        with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(data)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
+        with os.fdopen(handle, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(temp_path, path)
     except BaseException:
         remove_quietly(temp_path)
         raise
+
+
+def write_file_atomically(path, data):
+    """Write bytes to ``path`` through a temporary file and a rename."""
+    with atomic_output(path) as out:
+        out.write(data)
 
 
 def printable(text, limit=500):
@@ -1172,50 +1186,45 @@ def png_chunk(kind, data):
             struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff))
 
 
+def write_png_head(out, info, extra=()):
+    """Write the signature, IHDR and the kept colour chunks of a PNG."""
+    out.write(PNG_SIGNATURE)
+    out.write(png_chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", info.width, info.height, info.depth, info.color_type,
+        0, 0, 0)))
+    for kind, data in extra:
+        out.write(png_chunk(kind, data))
+
+
 def write_png(path, info, scanlines, extra=()):
     """Write a PNG from an iterable of (filter type, filtered row).
 
     The file is written to a temporary name beside ``path`` and renamed,
     so a half-written PNG is never visible.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-",
-                                         suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(PNG_SIGNATURE)
-            out.write(png_chunk(b"IHDR", struct.pack(
-                ">IIBBBBB", info.width, info.height, info.depth,
-                info.color_type, 0, 0, 0)))
-            for kind, data in extra:
-                out.write(png_chunk(kind, data))
-            deflater = zlib.compressobj(ZLIB_LEVEL)
-            pending = bytearray()
-            rows = 0
-            for filter_type, line in scanlines:
-                if len(line) != info.row_bytes:
-                    raise ImageError("row %d has %d bytes, expected %d"
-                                     % (rows + 1, len(line), info.row_bytes))
-                pending += deflater.compress(bytes([filter_type]) + line)
-                rows += 1
-                while len(pending) >= PNG_IDAT_BYTES:
-                    out.write(png_chunk(b"IDAT",
-                                        bytes(pending[:PNG_IDAT_BYTES])))
-                    del pending[:PNG_IDAT_BYTES]
-            if rows != info.height:
-                raise ImageError("image has %d rows, expected %d"
-                                 % (rows, info.height))
-            pending += deflater.flush()
-            for start in range(0, len(pending), PNG_IDAT_BYTES):
-                out.write(png_chunk(
-                    b"IDAT", bytes(pending[start:start + PNG_IDAT_BYTES])))
-            out.write(png_chunk(b"IEND", b""))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        remove_quietly(temp_path)
-        raise
+    with atomic_output(path, ".png") as out:
+        write_png_head(out, info, extra)
+        deflater = zlib.compressobj(ZLIB_LEVEL)
+        pending = bytearray()
+        rows = 0
+        for filter_type, line in scanlines:
+            if len(line) != info.row_bytes:
+                raise ImageError("row %d has %d bytes, expected %d"
+                                 % (rows + 1, len(line), info.row_bytes))
+            pending += deflater.compress(bytes([filter_type]) + line)
+            rows += 1
+            while len(pending) >= PNG_IDAT_BYTES:
+                out.write(png_chunk(b"IDAT",
+                                    bytes(pending[:PNG_IDAT_BYTES])))
+                del pending[:PNG_IDAT_BYTES]
+        if rows != info.height:
+            raise ImageError("image has %d rows, expected %d"
+                             % (rows, info.height))
+        pending += deflater.flush()
+        for start in range(0, len(pending), PNG_IDAT_BYTES):
+            out.write(png_chunk(
+                b"IDAT", bytes(pending[start:start + PNG_IDAT_BYTES])))
+        out.write(png_chunk(b"IEND", b""))
 
 
 def check_png(path, width=None, height=None):
@@ -1278,10 +1287,12 @@ def stitch_pngs(target, slice_paths, width, height):
     Memory is bounded by one zlib buffer, whatever the image size.
     """
     infos = []
+    extras = []
     for path in slice_paths:
-        scanlines = iter_png_scanlines(path)
-        infos.append(next(scanlines)[0])
+        info, extra, scanlines = read_png_scanlines(path)
         scanlines.close()
+        infos.append(info)
+        extras.append(extra)
     first = infos[0]
     for path, info in zip(slice_paths, infos):
         if (info.width, info.depth, info.color_type) != \
@@ -1293,18 +1304,25 @@ def stitch_pngs(target, slice_paths, width, height):
     if total != height:
         raise ImageError("slices hold %d rows, the frame has %d"
                          % (total, height))
-    _, extra, _ = read_png_scanlines(slice_paths[0])
 
     def all_scanlines():
         for path in slice_paths:
-            _, _, scanlines = read_png_scanlines(path)
-            for number, (filter_type, line) in enumerate(scanlines):
-                if number == 0:
-                    filter_type, line = first_row_filter(
-                        filter_type, line, first.pixel_bytes)
-                yield filter_type, line
+            for scanline in slice_scanlines(path, first.pixel_bytes):
+                yield scanline
 
-    write_png(target, first._replace(height=height), all_scanlines(), extra)
+    write_png(target, first._replace(height=height), all_scanlines(),
+              extras[0])
+
+
+def slice_scanlines(path, pixel_bytes):
+    """Yield a slice PNG's scanlines, its first row re-filtered so that
+    it no longer refers to the row above (see first_row_filter)."""
+    _, _, scanlines = read_png_scanlines(path)
+    for number, (filter_type, line) in enumerate(scanlines):
+        if number == 0:
+            filter_type, line = first_row_filter(filter_type, line,
+                                                 pixel_bytes)
+        yield filter_type, line
 
 
 def write_partial_frame(target, parts, width):
@@ -1327,13 +1345,9 @@ def write_partial_frame(target, parts, width):
             if path is None:
                 for _ in range(rows):
                     yield 0, blank
-                continue
-            _, _, lines = read_png_scanlines(path)
-            for number, (filter_type, line) in enumerate(lines):
-                if number == 0:
-                    filter_type, line = first_row_filter(
-                        filter_type, line, info.pixel_bytes)
-                yield filter_type, line
+            else:
+                for scanline in slice_scanlines(path, info.pixel_bytes):
+                    yield scanline
 
     height = sum(rows for _, rows in parts)
     write_png(target, info._replace(height=height), all_scanlines(), extra)
@@ -1388,47 +1402,33 @@ def write_apng(target, frame_paths, delay_ms=DEFAULT_FRAME_DELAY_MS):
     """
     first, extra, scanlines = read_png_scanlines(frame_paths[0])
     scanlines.close()
-    folder = os.path.dirname(os.path.abspath(target))
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-",
-                                         suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(PNG_SIGNATURE)
-            out.write(png_chunk(b"IHDR", struct.pack(
-                ">IIBBBBB", first.width, first.height, first.depth,
-                first.color_type, 0, 0, 0)))
-            for kind, data in extra:
-                out.write(png_chunk(kind, data))
-            out.write(png_chunk(b"acTL", struct.pack(">II",
-                                                     len(frame_paths), 0)))
-            sequence = 0
-            for index, path in enumerate(frame_paths):
-                with open(path, "rb") as stream:
-                    chunks = iter_png_chunks(stream)
-                    info = parse_ihdr(next(chunks)[1])
-                    if info != first:
-                        raise ImageError("frame %s is %s, the first is %s"
-                                         % (os.path.basename(path),
-                                            info.describe(),
-                                            first.describe()))
-                    out.write(png_chunk(b"fcTL", struct.pack(
-                        ">IIIIIHHBB", sequence, first.width, first.height,
-                        0, 0, delay_ms, 1000, 0, 0)))
-                    sequence += 1
-                    for kind, data in chunks:
-                        if kind != b"IDAT":
-                            continue
-                        if index == 0:
-                            out.write(png_chunk(b"IDAT", data))
-                        else:
-                            out.write(png_chunk(
-                                b"fdAT", struct.pack(">I", sequence) + data))
-                            sequence += 1
-            out.write(png_chunk(b"IEND", b""))
-        os.replace(temp_path, target)
-    except BaseException:
-        remove_quietly(temp_path)
-        raise
+    with atomic_output(target, ".png") as out:
+        write_png_head(out, first, extra)
+        out.write(png_chunk(b"acTL", struct.pack(">II", len(frame_paths),
+                                                 0)))
+        sequence = 0
+        for index, path in enumerate(frame_paths):
+            with open(path, "rb") as stream:
+                chunks = iter_png_chunks(stream)
+                info = parse_ihdr(next(chunks)[1])
+                if info != first:
+                    raise ImageError("frame %s is %s, the first is %s"
+                                     % (os.path.basename(path),
+                                        info.describe(), first.describe()))
+                out.write(png_chunk(b"fcTL", struct.pack(
+                    ">IIIIIHHBB", sequence, first.width, first.height, 0, 0,
+                    delay_ms, 1000, 0, 0)))
+                sequence += 1
+                for kind, data in chunks:
+                    if kind != b"IDAT":
+                        continue
+                    if index == 0:
+                        out.write(png_chunk(b"IDAT", data))
+                    else:
+                        out.write(png_chunk(
+                            b"fdAT", struct.pack(">I", sequence) + data))
+                        sequence += 1
+        out.write(png_chunk(b"IEND", b""))
 
 
 def ppm_to_png(source, target, first_row=1, last_row=None):
@@ -1922,14 +1922,9 @@ class Database:
             if row["frame_first"] != task["frame_first"] + len(merged) + 1:
                 break
             merged.append(row["id"])
-        if not merged:
-            return
-        db.executemany("DELETE FROM tasks WHERE id = ?",
-                       [(task_id,) for task_id in merged])
-        db.execute("UPDATE tasks SET frame_last = ? WHERE id = ?",
-                   (task["frame_first"] + len(merged), task["id"]))
-        db.execute("UPDATE jobs SET task_count = task_count - ?"
-                   " WHERE id = ?", (len(merged), job["id"]))
+        if merged:
+            self._absorb_tasks(db, job, task, merged, "frame_last",
+                               task["frame_first"] + len(merged))
 
     def _fair_share(self, db, job, busy, now):
         """Return how many queued tasks of a job one task may take over."""
@@ -1965,12 +1960,16 @@ class Database:
                 break
             merged.append(row["id"])
             row_last = row["row_last"]
-        if not merged:
-            return
+        if merged:
+            self._absorb_tasks(db, job, task, merged, "row_last", row_last)
+
+    def _absorb_tasks(self, db, job, task, merged, column, last):
+        """Delete the merged tasks and extend ``task`` to cover them."""
+        assert column in ("frame_last", "row_last")
         db.executemany("DELETE FROM tasks WHERE id = ?",
                        [(task_id,) for task_id in merged])
-        db.execute("UPDATE tasks SET row_last = ? WHERE id = ?",
-                   (row_last, task["id"]))
+        db.execute("UPDATE tasks SET %s = ? WHERE id = ?" % column,
+                   (last, task["id"]))
         db.execute("UPDATE jobs SET task_count = task_count - ?"
                    " WHERE id = ?", (len(merged), job["id"]))
 
@@ -2033,17 +2032,15 @@ class Database:
         A task of a cancelled job goes back to the queue at once, so
         that a later retry does not wait for its lease to run out.
         """
-        row = self.query_one(
-            "SELECT t.state, t.attempt, j.state AS job_state FROM tasks t"
-            " JOIN jobs j ON j.id = t.job_id WHERE t.id = ?", (task_id,))
-        if row and row["state"] == "leased" and row["attempt"] == attempt \
-                and row["job_state"] in ACTIVE_JOB_STATES + ("paused",):
+        task = self.query_one("SELECT * FROM tasks WHERE id = ?",
+                              (task_id,))
+        job = task and self.query_one("SELECT * FROM jobs WHERE id = ?",
+                                      (task["job_id"],))
+        if job and task["state"] == "leased" and \
+                task["attempt"] == attempt and \
+                job["state"] in ACTIVE_JOB_STATES + ("paused",):
             # The common case needs no write transaction.
-            return (self.query_one("SELECT * FROM tasks WHERE id = ?",
-                                   (task_id,)),
-                    self.query_one("SELECT * FROM jobs WHERE id = (SELECT"
-                                   " job_id FROM tasks WHERE id = ?)",
-                                   (task_id,)))
+            return task, job
         with self.transaction() as db:
             task = self._current_task(db, task_id, attempt)
             job = db.execute("SELECT * FROM jobs WHERE id = ?",
@@ -2993,30 +2990,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             self.server.deadlines.forget(self.connection)
 
-    def do_GET(self):
-        self.dispatch("GET")
-
-    def do_POST(self):
-        self.dispatch("POST")
-
-    def do_DELETE(self):
-        self.dispatch("DELETE")
-
-    def do_PUT(self):
-        self.dispatch("PUT")
-
-    def do_PATCH(self):
-        self.dispatch("PATCH")
-
-    def do_HEAD(self):
-        self.dispatch("HEAD")
-
-    def do_OPTIONS(self):
-        self.dispatch("OPTIONS")
-
     def __getattr__(self, name):
-        # Every other method (TRACE, QUERY, ...) gets 405 or 404 from the
-        # routes, not http.server's 501, which reads as a server fault.
+        # http.server calls do_<METHOD>. Every method goes to dispatch(),
+        # so one it does not know (TRACE, QUERY, ...) gets 405 or 404 from
+        # the routes, not http.server's 501, which reads as a server fault.
         if name.startswith("do_"):
             return lambda: self.dispatch(name[3:])
         raise AttributeError(name)
@@ -3107,11 +3084,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
     def check_access(self, role):
         self.farm.reload_tokens()
         token = self.presented_token()
-        tokens = self.farm.tokens
-        is_admin = token is not None and hmac.compare_digest(
-            token.encode(), tokens["admin"].encode())
+        is_admin = self.is_admin_request()
         is_worker = token is not None and hmac.compare_digest(
-            token.encode(), tokens["worker"].encode())
+            token.encode(), self.farm.tokens["worker"].encode())
         if role == "page":
             return
         if is_admin or (role == "worker" and is_worker):
@@ -3925,8 +3900,10 @@ def render_job_page(job, tasks, csrf, now):
                 job["frames_done"], job["frames"], job["width"],
                 job["height"], format_seconds(elapsed),
                 format_seconds(left))]
+
     if job["error"]:
         parts.append("<p class='error'>%s</p>" % escape(job["error"]))
+
     parts.append("<form method='post' action='/jobs/%d/control'>"
                  "<input type='hidden' name='csrf' value='%s'>"
                  % (job["id"], escape(csrf)))
@@ -3941,6 +3918,7 @@ def render_job_page(job, tasks, csrf, now):
                  "</button></form>"
                  % (job["id"], escape(csrf), job["priority"],
                     job["max_workers"]))
+
     parts.append("<h2>Tasks</h2><div class='grid'>")
     for task in tasks:
         label = "task %d: frames %d-%d, rows %d-%d, %s" % (
@@ -3950,6 +3928,7 @@ def render_job_page(job, tasks, csrf, now):
                      % (escape(label), TASK_COLOURS.get(task["state"],
                                                         "#888")))
     parts.append("</div>")
+
     running = job["running_tasks"]
     if running and job["slices_per_frame"] > 1:
         frame = running[0]["frame_first"]
@@ -3957,6 +3936,7 @@ def render_job_page(job, tasks, csrf, now):
                      "style='width:320px' alt='frame %d so far' "
                      "src='/api/jobs/%d/preview/%d.png'>"
                      % (frame, frame, job["id"], frame))
+
     if job["done_frames"]:
         parts.append("<h2>Finished frames</h2><p>"
                      "<a href='/api/jobs/%d/frames.zip'>all (zip)</a> "
@@ -3967,12 +3947,14 @@ def render_job_page(job, tasks, csrf, now):
                          "class='thumb' alt='frame %d' src='/api/jobs/%d/"
                          "frames/%d.png'></a>"
                          % (job["id"], frame, frame, job["id"], frame))
+
     for task in job["failed_tasks"][:20]:
         parts.append("<h3>Failed task %d (worker %s)</h3><p class='error'>"
                      "%s</p><pre>%s</pre>"
                      % (task["id"], escape(str(task["failed_worker"])),
                         escape(task["error"] or ""),
                         escape((task["log"] or "")[-4000:])))
+
     parts.append("</body></html>")
     return "".join(parts)
 
@@ -5436,15 +5418,16 @@ def command_work(args):
     if len(workers) == 1:
         return workers[0].run()
     results = []
-    threads = [threading.Thread(target=lambda worker=worker:
+    runners = [threading.Thread(target=lambda worker=worker:
                                 results.append(worker.run()),
                                 name=worker.name, daemon=True)
                for worker in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(0.5)
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        # Short joins let the main thread take Ctrl-C.
+        while runner.is_alive():
+            runner.join(0.5)
     return max(results or [1])
 
 

@@ -532,6 +532,25 @@ class CycleCounter:
                 self.errors[error] = self.errors.get(error, 0) + 1
 
 
+def call_then_wait(client, path, body, start, counter, label):
+    """POST once to connect, then wait at the ``start`` barrier.
+
+    Returns the response, or None when the call failed (which breaks the
+    barrier for every thread) or the barrier was broken.
+    """
+    try:
+        answer = client.call("POST", path, body)
+    except (httpov.ApiError, httpov.ServerUnreachable) as error:
+        counter.add(error="%s: %s" % (label, error))
+        start.abort()
+        return None
+    try:
+        start.wait(SERVER_START_SECONDS)
+    except threading.BrokenBarrierError:
+        return None
+    return answer
+
+
 def farm_worker(url, token, png_cache, folder, start, window, counter):
     """Register, then claim, heartbeat and upload a result until the end.
 
@@ -539,17 +558,11 @@ def farm_worker(url, token, png_cache, folder, start, window, counter):
     main thread once every worker has passed the ``start`` barrier.
     """
     client = httpov.ApiClient(url, token)
-    try:
-        worker = client.call("POST", "/api/workers",
-                             {"name": "bench"})["worker"]
-    except (httpov.ApiError, httpov.ServerUnreachable) as error:
-        counter.add(error="register: %s" % error)
-        start.abort()
+    answer = call_then_wait(client, "/api/workers", {"name": "bench"},
+                            start, counter, "register")
+    if answer is None:
         return
-    try:
-        start.wait(SERVER_START_SECONDS)
-    except threading.BrokenBarrierError:
-        return
+    worker = answer["worker"]
     try:
         while time.monotonic() < window[1]:
             try:
@@ -586,15 +599,8 @@ def bare_worker(url, token, body, start, window, counter):
     client = httpov.ApiClient(url, token)
     claim = {"worker": 1}
     heartbeat = {"attempt": "0" * 32, "worker": 1, "progress": 0.5}
-    try:
-        client.call("POST", "/warm-up", claim)
-    except (httpov.ApiError, httpov.ServerUnreachable) as error:
-        counter.add(error="connect: %s" % error)
-        start.abort()
-        return
-    try:
-        start.wait(SERVER_START_SECONDS)
-    except threading.BrokenBarrierError:
+    if call_then_wait(client, "/warm-up", claim, start, counter,
+                      "connect") is None:
         return
     try:
         while time.monotonic() < window[1]:
@@ -631,7 +637,7 @@ def drive_workers(target, arguments, count, seconds):
         window[1] = window[0] + seconds
 
     # The barrier's action runs once all threads arrived, before any of
-    # them is released, so every thread sees the final window.
+    # them is released, so every thread reads the final window.
     start = threading.Barrier(count + 1, action=open_window)
     threads = [threading.Thread(target=target, daemon=True,
                                 args=arguments + (start, window, counter))
