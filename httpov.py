@@ -187,6 +187,18 @@ class LengthRequired(UserError):
     status = 411
 
 
+class Unavailable(UserError):
+    """The server cannot do this now; the client may try again later."""
+
+    status = 503
+
+
+class HelperFailed(UserError):
+    """A program the server runs for a request, such as ffmpeg, failed."""
+
+    status = 500
+
+
 def parse_int(text, what, minimum=None, maximum=None):
     """Parse a whole number or raise UserError naming ``what``."""
     if not re.match(r"^\s*[-+]?[0-9]{1,18}\s*$", str(text)):
@@ -967,6 +979,8 @@ PNG_MAX_CHUNK_BYTES = 1 << 31
 PNG_MAX_KEPT_CHUNK_BYTES = 1 << 20  # colour chunks; others are skipped
 PNG_IDAT_BYTES = 1 << 16                    # size of the IDATs we write
 DEFAULT_FRAME_DELAY_MS = 40                 # animated preview: 25 fps
+MP4_FRAMES_PER_SECOND = 25
+MAX_ENCODE_SECONDS = 1800                   # one ffmpeg run for an MP4
 ZLIB_LEVEL = 6
 
 
@@ -1429,6 +1443,41 @@ def write_apng(target, frame_paths, delay_ms=DEFAULT_FRAME_DELAY_MS):
                             b"fdAT", struct.pack(">I", sequence) + data))
                         sequence += 1
         out.write(png_chunk(b"IEND", b""))
+
+
+def encode_mp4(ffmpeg, frame_paths, target, folder,
+               fps=MP4_FRAMES_PER_SECOND):
+    """Encode frames into an H.264 MP4 with ffmpeg.
+
+    The frames are linked into ``folder`` under numbered names, the
+    pattern ffmpeg reads. Odd sizes are padded to even ones, which
+    yuv420p, the format every player shows, needs.
+    """
+    for index, path in enumerate(frame_paths):
+        name = os.path.join(folder, "%08d.png" % index)
+        try:
+            os.link(path, name)
+        except OSError:
+            shutil.copyfile(path, name)
+    command = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error",
+               "-y", "-framerate", str(fps), "-i",
+               os.path.join(folder, "%08d.png"), "-vf",
+               "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-pix_fmt", "yuv420p",
+               "-movflags", "+faststart", "-f", "mp4", target]
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE,
+                                timeout=MAX_ENCODE_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise HelperFailed("ffmpeg took longer than %d s; download "
+                           "animation.png instead" % MAX_ENCODE_SECONDS)
+    except OSError as error:
+        raise HelperFailed("cannot run ffmpeg (%s)" % error)
+    if result.returncode != 0:
+        message = result.stderr.decode("utf-8", "replace").strip()
+        raise HelperFailed("ffmpeg failed with exit code %d: %s"
+                           % (result.returncode, printable(message[-500:])))
 
 
 def ppm_to_png(source, target, first_row=1, last_row=None):
@@ -2302,6 +2351,7 @@ class Farm:
         self.db = Database(self.path("httpov.sqlite3"), busy_seconds,
                            lease_seconds, target_task_seconds)
         self.stopping = threading.Event()
+        self.encoding = threading.Lock()    # one ffmpeg run at a time
 
     def path(self, *parts):
         return os.path.join(self.data_dir, *parts)
@@ -2419,6 +2469,9 @@ class Farm:
             "started": job["started"],
             "finished": job["finished"],
         }
+        elapsed, left = job_timing(summary, time.time())
+        summary["elapsed_seconds"] = elapsed
+        summary["left_seconds"] = left
         if detail:
             summary["settings"] = settings
             summary["povray_options"] = json.loads(job["povray_options"])
@@ -2433,6 +2486,27 @@ class Farm:
                 self.task_summary(task)
                 for task in self.db.tasks(job["id"], ("leased",), 100)]
         return summary
+
+    def worker_summaries(self, now):
+        """Return every worker with its state: busy, idle, or offline
+        when it has not been heard from for STALE_WORKER_SECONDS."""
+        workers = []
+        for row in self.db.workers():
+            seen = now - row["last_seen"]
+            if seen > STALE_WORKER_SECONDS:
+                state = "offline"
+            else:
+                state = "busy" if row["task_id"] else "idle"
+            workers.append({
+                "id": row["id"], "name": row["name"], "group": row["grp"],
+                "host": row["host"], "state": state, "task": row["task_id"],
+                "tasks_done": row["tasks_done"],
+                "render_seconds": row["render_seconds"],
+                "average_seconds": (row["render_seconds"] /
+                                    row["tasks_done"]
+                                    if row["tasks_done"] else None),
+                "last_seen_seconds": round(seen, 1)})
+        return workers
 
     def task_summary(self, task, with_log=True):
         summary = {key: task[key] for key in (
@@ -2925,9 +2999,12 @@ ROUTES = [
      "admin"),
     ("GET", r"/api/jobs/(\d{1,18})/animation\.png", "api_animation",
      "admin"),
+    ("GET", r"/api/jobs/(\d{1,18})/animation\.mp4", "api_animation_mp4",
+     "admin"),
     ("GET", r"/api/jobs/(\d{1,18})/preview/(-?\d{1,18})\.png",
      "api_preview", "admin"),
     ("GET", r"/jobs/(\d{1,18})", "page_job", "page"),
+    ("GET", r"/static/httpov\.js", "static_script", "page"),
     ("GET", r"/submit", "page_submit", "page"),
     ("POST", r"/submit", "page_submit_upload", "page"),
     ("POST", r"/jobs/(\d{1,18})/control", "page_job_control", "page"),
@@ -3282,7 +3359,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def api_tasks(self, job_id):
         self.farm.db.job(int(job_id))
-        tasks = self.farm.db.tasks(int(job_id), limit=100000)
+        limit = parse_int(self.query_value("limit", str(MAX_LISTED_TASKS)),
+                          "limit", 1, MAX_LISTED_TASKS)
+        tasks = self.farm.db.tasks(int(job_id), limit=limit)
         self.send_json({"tasks": [self.farm.task_summary(task, False)
                                   for task in tasks]})
 
@@ -3334,6 +3413,32 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             remove_quietly(temp_path)
 
+    def api_animation_mp4(self, job_id):
+        program = ffmpeg_path()
+        if not program:
+            raise NotFound("ffmpeg is not installed on the server; install "
+                           "it, or download animation.png instead")
+        job, frames = self.finished_frames(job_id)
+        if not self.farm.encoding.acquire(False):
+            raise Unavailable("another MP4 is being encoded; try again in "
+                              "a minute")
+        folder = tempfile.mkdtemp(dir=self.farm.path("tmp"))
+        target = self.farm.temp_path(".mp4")
+        try:
+            server_log.info("job %s: encoding %d frames as MP4", job_id,
+                            len(frames))
+            try:
+                encode_mp4(program, [path for _, _, path in frames],
+                           target, folder)
+            finally:
+                self.farm.encoding.release()
+            self.send_file(target, "video/mp4",
+                           safe_file_name(job["name"]) + ".mp4",
+                           "attachment")
+        finally:
+            shutil.rmtree(folder, True)
+            remove_quietly(target)
+
     def api_preview(self, job_id, frame):
         """Send a frame as far as it is rendered: the finished PNG, or
         the slices that have arrived with black rows for the rest."""
@@ -3361,16 +3466,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             remove_quietly(temp_path)
 
     def api_workers(self):
-        now = time.time()
-        workers = []
-        for row in self.farm.db.workers():
-            workers.append({
-                "id": row["id"], "name": row["name"], "group": row["grp"],
-                "host": row["host"], "task": row["task_id"],
-                "tasks_done": row["tasks_done"],
-                "render_seconds": row["render_seconds"],
-                "last_seen_seconds": round(now - row["last_seen"], 1)})
-        self.send_json({"workers": workers})
+        self.send_json({"workers": self.farm.worker_summaries(time.time())})
 
     def api_register(self):
         self.send_json(self.farm.register(self.read_json()), 201)
@@ -3428,6 +3524,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- the status page ----------------------------------------------------
 
+    def static_script(self):
+        self.send_bytes(PAGE_SCRIPT.encode(), "text/javascript; "
+                        "charset=utf-8")
+
     def page_status(self):
         token = self.query_value("token")
         if token is not None:
@@ -3452,8 +3552,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         jobs = [self.farm.job_summary(job, detail=True)
                 for job in self.farm.db.jobs()]
-        page = render_status_page(jobs, self.farm.db.workers(), time.time(),
-                                  STALE_WORKER_SECONDS)
+        page = render_status_page(
+            jobs, self.farm.worker_summaries(time.time()))
         self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
 
     def may_read_pages(self):
@@ -3469,7 +3569,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                                     detail=True)
         tasks = [self.farm.task_summary(task, False) for task in
                  self.farm.db.tasks(int(job_id), limit=MAX_GRID_TASKS)]
-        page = render_job_page(job, tasks, self.csrf_token(), time.time())
+        page = render_job_page(job, tasks, self.csrf_token())
         self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
 
     def csrf_token(self):
@@ -3632,9 +3732,12 @@ def openapi_document():
                      "responses": dict(errors(404, 409),
                                        **{"200": reply("new state")})}},
         "/api/jobs/{job}/tasks": {
-            "parameters": job_path,
+            "parameters": job_path + [{
+                "name": "limit", "in": "query", "schema": {
+                    "type": "integer", "minimum": 1,
+                    "maximum": MAX_LISTED_TASKS}}],
             "get": {"summary": "List a job's tasks", "responses": dict(
-                errors(404), **{"200": reply("tasks")})}},
+                errors(400, 404), **{"200": reply("tasks")})}},
         "/api/jobs/{job}/frames/{frame}.png": {
             "parameters": job_path + [{
                 "name": "frame", "in": "path", "required": True,
@@ -3666,6 +3769,14 @@ def openapi_document():
                         "animated PNG", {"type": "string",
                                          "format": "binary"},
                         "image/apng")})}},
+        "/api/jobs/{job}/animation.mp4": {
+            "parameters": job_path,
+            "get": {"summary": "Download an MP4 of the finished frames "
+                    "(when ffmpeg is installed on the server)",
+                    "responses": dict(errors(404, 500, 503), **{
+                        "200": reply("MP4", {"type": "string",
+                                             "format": "binary"},
+                                     "video/mp4")})}},
         "/api/workers": {
             "get": {"summary": "List workers", "responses": dict(
                 errors(), **{"200": reply("workers")})},
@@ -3740,10 +3851,11 @@ def openapi_document():
     }
 
 
-PAGE_POLICY = ("default-src 'none'; img-src 'self'; style-src "
-               "'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; "
-               "base-uri 'none'")
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'; "
+               "img-src 'self'; style-src 'unsafe-inline'; form-action "
+               "'self'; frame-ancestors 'none'; base-uri 'none'")
 MAX_GRID_TASKS = 5000             # tasks shown in a job page's grid
+MAX_LISTED_TASKS = 100000         # tasks in one answer of the tasks API
 STALE_WORKER_SECONDS = 30         # a worker polls or beats every 10 s
 TASK_COLOURS = {"queued": "#ccc", "leased": "#e9b949", "done": "#3a7",
                 "failed": "#c33"}
@@ -3760,7 +3872,286 @@ th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd;
 img.thumb { width: 160px; margin: 2px; border: 1px solid #ccc; }
 pre { background: #f4f4f4; padding: 0.5em; max-height: 20em;
       overflow: auto; }
+img.preview { width: 320px; border: 1px solid #ccc; }
+.live { color: #777; font-size: small; }
 """
+PAGE_REFRESH_SECONDS = 5          # reload of pages without JavaScript
+PAGE_POLL_MS = 3000               # how often page scripts ask the API
+MAX_THUMBNAILS = 48               # finished frames shown on a job page
+MAX_FAILED_SHOWN = 20             # failed tasks shown on a job page
+MAX_LOG_SHOWN = 4000              # characters of a failed task's log
+# The pages' script: it asks the JSON API for fresh data and rewrites the
+# parts of the page that change, with textContent only, so no name from a
+# job or worker is ever read as HTML. The pages work without it.
+PAGE_SCRIPT = r"""
+"use strict";
+(function () {
+  var POLL_MS = %(poll_ms)d;
+  var COLOURS = %(colours)s;
+  var MAX_THUMBNAILS = %(thumbnails)d;
+  var MAX_FAILED = %(failed)d;
+  var MAX_LOG = %(log)d;
+  var MAX_GRID = %(grid)d;
+  var polls = 0;
+  var hasMp4 = document.documentElement.querySelector("body[data-mp4]");
+
+  function node(tag, text, attributes) {
+    var element = document.createElement(tag);
+    if (text !== undefined && text !== null) {
+      element.textContent = String(text);
+    }
+    Object.keys(attributes || {}).forEach(function (name) {
+      element.setAttribute(name, attributes[name]);
+    });
+    return element;
+  }
+
+  function cell(row, content) {
+    var td = row.insertCell(-1);
+    if (content instanceof Node) {
+      td.appendChild(content);
+    } else {
+      td.textContent = content;
+    }
+    return td;
+  }
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined) {
+      return "-";
+    }
+    seconds = Math.floor(seconds);
+    function two(n) { return (n < 10 ? "0" : "") + n; }
+    if (seconds >= 3600) {
+      return Math.floor(seconds / 3600) + "h " +
+        two(Math.floor(seconds %% 3600 / 60)) + "m";
+    }
+    if (seconds >= 60) {
+      return Math.floor(seconds / 60) + "m " + two(seconds %% 60) + "s";
+    }
+    return seconds + "s";
+  }
+
+  function percent(job) {
+    return 100 * job.tasks_done / Math.max(job.tasks, 1);
+  }
+
+  function bar(job) {
+    var outer = node("span");
+    var frame = node("div", null, {"class": "bar"});
+    var fill = node("div");
+    fill.style.width = percent(job).toFixed(1) + "%%";
+    frame.appendChild(fill);
+    outer.appendChild(frame);
+    outer.appendChild(document.createTextNode(
+      percent(job).toFixed(0) + "%%"));
+    return outer;
+  }
+
+  function downloads(job, hasMp4) {
+    var span = node("span");
+    var links = [];
+    if (job.frames_done) {
+      links.push(["frames.zip", "all frames (zip)"]);
+    }
+    if (job.frames_done > 1) {
+      links.push(["animation.png", "animated PNG"]);
+      if (hasMp4) {
+        links.push(["animation.mp4", "MP4"]);
+      }
+    }
+    links.forEach(function (link, index) {
+      if (index) {
+        span.appendChild(document.createTextNode(" "));
+      }
+      span.appendChild(node("a", link[1], {
+        href: "/api/jobs/" + job.id + "/" + link[0]}));
+    });
+    return span;
+  }
+
+  function ask(path) {
+    return fetch(path, {credentials: "same-origin", cache: "no-store"})
+      .then(function (response) {
+        return response.json().then(function (value) {
+          if (!response.ok) {
+            throw new Error(value.error || "HTTP " + response.status);
+          }
+          return value;
+        });
+      });
+  }
+
+  function showLive(error) {
+    var live = document.getElementById("live");
+    live.textContent = error ? "Updates paused: " + error.message :
+      "Updated " + new Date().toLocaleTimeString() + ".";
+    live.setAttribute("data-polls", String(polls));
+  }
+
+  function fillJobs(jobs, hasMp4) {
+    var body = document.getElementById("jobs");
+    body.textContent = "";
+    if (!jobs.length) {
+      cell(body.insertRow(-1), "No jobs yet.").colSpan = 9;
+    }
+    jobs.forEach(function (job) {
+      var row = body.insertRow(-1);
+      cell(row, node("a", job.id, {href: "/jobs/" + job.id}));
+      var name = cell(row, job.name);
+      if (job.error) {
+        name.appendChild(node("div", job.error, {"class": "error"}));
+      }
+      cell(row, job.state);
+      cell(row, bar(job));
+      cell(row, job.frames_done + " / " + job.frames);
+      cell(row, job.tasks_done + " / " + job.tasks + " (" +
+           job.tasks_running + " running)");
+      cell(row, duration(job.elapsed_seconds));
+      cell(row, duration(job.left_seconds));
+      cell(row, downloads(job, hasMp4));
+    });
+  }
+
+  function fillWorkers(workers) {
+    var body = document.getElementById("workers");
+    body.textContent = "";
+    if (!workers.length) {
+      cell(body.insertRow(-1), "No workers yet.").colSpan = 8;
+    }
+    workers.forEach(function (worker) {
+      var row = body.insertRow(-1);
+      [worker.id, worker.name, worker.group, worker.state,
+       worker.task === null ? "" : worker.task, worker.tasks_done,
+       duration(worker.average_seconds),
+       worker.last_seen_seconds.toFixed(0) + " s ago"
+      ].forEach(function (value) { cell(row, value); });
+    });
+  }
+
+  function pollStatus() {
+    return Promise.all([ask("/api/jobs"), ask("/api/workers")])
+      .then(function (answers) {
+        fillJobs(answers[0].jobs, hasMp4);
+        fillWorkers(answers[1].workers);
+      });
+  }
+
+  function gridTitle(task) {
+    return "task " + task.id + ": frames " + task.frame_first + "-" +
+      task.frame_last + ", rows " + task.row_first + "-" + task.row_last +
+      ", " + task.state;
+  }
+
+  function fillJob(job, tasks, hasMp4) {
+    var summary = document.getElementById("summary");
+    summary.textContent = "State ";
+    summary.appendChild(node("b", job.state));
+    summary.appendChild(document.createTextNode(
+      ", " + percent(job).toFixed(0) + "%% of " + job.tasks +
+      " tasks, frames " + job.frames_done + " / " + job.frames + ", " +
+      job.width + "x" + job.height + ", elapsed " +
+      duration(job.elapsed_seconds) + ", about " +
+      duration(job.left_seconds) + " left."));
+    document.getElementById("error").textContent = job.error || "";
+
+    var grid = document.getElementById("grid");
+    grid.textContent = "";
+    tasks.slice(0, MAX_GRID).forEach(function (task) {
+      var span = node("span", null, {title: gridTitle(task)});
+      span.style.background = COLOURS[task.state] || "#888";
+      grid.appendChild(span);
+    });
+
+    var preview = document.getElementById("preview");
+    var running = job.running_tasks;
+    if (running.length && job.slices_per_frame > 1) {
+      var frame = running[0].frame_first;
+      var image = preview.querySelector("img");
+      if (!image) {
+        preview.textContent = "";
+        preview.appendChild(node("h2"));
+        image = node("img", null, {"class": "preview"});
+        preview.appendChild(image);
+      }
+      preview.querySelector("h2").textContent =
+        "Frame " + frame + " in progress";
+      image.alt = "frame " + frame + " so far";
+      image.src = "/api/jobs/" + job.id + "/preview/" + frame +
+        ".png?poll=" + polls;
+    } else {
+      preview.textContent = "";
+    }
+
+    var links = document.getElementById("downloads");
+    links.textContent = "";
+    links.appendChild(downloads(job, hasMp4));
+    var frames = document.getElementById("frames");
+    var shown = {};
+    Array.prototype.forEach.call(frames.querySelectorAll("img"),
+      function (image) { shown[image.getAttribute("data-frame")] = 1; });
+    job.done_frames.slice(0, MAX_THUMBNAILS).forEach(function (frame) {
+      if (shown[String(frame)]) {
+        return;
+      }
+      var path = "/api/jobs/" + job.id + "/frames/" + frame + ".png";
+      var link = node("a", null, {href: path});
+      link.appendChild(node("img", null, {
+        "class": "thumb", alt: "frame " + frame, src: path,
+        "data-frame": String(frame)}));
+      frames.appendChild(link);
+    });
+
+    var failed = document.getElementById("failed");
+    failed.textContent = "";
+    job.failed_tasks.slice(0, MAX_FAILED).forEach(function (task) {
+      failed.appendChild(node("h3", "Failed task " + task.id +
+                              " (worker " + task.failed_worker + ")"));
+      failed.appendChild(node("p", task.error || "", {"class": "error"}));
+      failed.appendChild(node("pre", (task.log || "").slice(-MAX_LOG)));
+    });
+  }
+
+  function pollJob(id) {
+    return Promise.all([
+      ask("/api/jobs/" + id),
+      ask("/api/jobs/" + id + "/tasks?limit=" + MAX_GRID)
+    ]).then(function (answers) {
+      fillJob(answers[0], answers[1].tasks, hasMp4);
+    });
+  }
+
+  function poll() {
+    var job = document.body.getAttribute("data-job");
+    var update = job ? pollJob(job) :
+      document.getElementById("jobs") ? pollStatus() : null;
+    if (!update) {
+      return;
+    }
+    update.then(function () {
+      polls += 1;
+      showLive(null);
+    }, showLive).then(function () {
+      setTimeout(poll, POLL_MS);
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", poll);
+})();
+""" % {"poll_ms": PAGE_POLL_MS, "colours": json.dumps(TASK_COLOURS),
+       "thumbnails": MAX_THUMBNAILS, "failed": MAX_FAILED_SHOWN,
+       "log": MAX_LOG_SHOWN, "grid": MAX_GRID_TASKS}
+
+
+def grid_title(task):
+    return "task %d: frames %d-%d, rows %d-%d, %s" % (
+        task["id"], task["frame_first"], task["frame_last"],
+        task["row_first"], task["row_last"], task["state"])
+
+
+def ffmpeg_path():
+    """Return the ffmpeg program of the server, or None."""
+    return shutil.which("ffmpeg")
 
 
 def format_seconds(seconds):
@@ -3883,26 +4274,49 @@ def parse_multipart(path, boundary, file_target, max_file_bytes):
                     fields[name] = out.getvalue().decode("utf-8", "replace")
 
 
-def render_job_page(job, tasks, csrf, now):
+def page_head(title, data=""):
+    """Return the start of a page: the script, a refresh for browsers
+    without JavaScript, and the body tag with the page's data."""
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            "<noscript><meta http-equiv='refresh' content='%d'></noscript>"
+            "<script src='/static/httpov.js' defer></script>"
+            "<title>%s</title><style>%s</style></head><body%s%s>"
+            "<p id='live' class='live'></p>"
+            % (PAGE_REFRESH_SECONDS, html.escape(title), PAGE_STYLE, data,
+               " data-mp4='1'" if ffmpeg_path() else ""))
+
+
+def job_links(job):
+    """Return the download links of a job's finished frames."""
+    links = []
+    if job["frames_done"]:
+        links.append("<a href='/api/jobs/%d/frames.zip'>all frames (zip)"
+                     "</a>" % job["id"])
+    if job["frames_done"] > 1:
+        links.append("<a href='/api/jobs/%d/animation.png'>animated PNG</a>"
+                     % job["id"])
+        if ffmpeg_path():
+            links.append("<a href='/api/jobs/%d/animation.mp4'>MP4</a>"
+                         % job["id"])
+    return " ".join(links)
+
+
+def render_job_page(job, tasks, csrf):
     """Return the HTML of a job's page; every value is escaped."""
     escape = html.escape
-    elapsed, left = job_timing(job, now)
     fraction = job["tasks_done"] / max(job["tasks"], 1)
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
-             "<meta http-equiv='refresh' content='5'>",
-             "<title>httpov job %d</title><style>%s</style></head><body>"
-             % (job["id"], PAGE_STYLE),
+    parts = [page_head("httpov job %d" % job["id"],
+                       " data-job='%d'" % job["id"]),
              "<p><a href='/'>all jobs</a></p>",
              "<h1>Job %d: %s</h1>" % (job["id"], escape(job["name"])),
-             "<p>State <b>%s</b>, %.0f%% of %d tasks, frames %d / %d, "
-             "%dx%d, elapsed %s, about %s left.</p>"
+             "<p id='summary'>State <b>%s</b>, %.0f%% of %d tasks, frames "
+             "%d / %d, %dx%d, elapsed %s, about %s left.</p>"
              % (escape(job["state"]), 100 * fraction, job["tasks"],
                 job["frames_done"], job["frames"], job["width"],
-                job["height"], format_seconds(elapsed),
-                format_seconds(left))]
-
-    if job["error"]:
-        parts.append("<p class='error'>%s</p>" % escape(job["error"]))
+                job["height"], format_seconds(job["elapsed_seconds"]),
+                format_seconds(job["left_seconds"]))]
+    parts.append("<p id='error' class='error'>%s</p>"
+                 % escape(job["error"] or ""))
 
     parts.append("<form method='post' action='/jobs/%d/control'>"
                  "<input type='hidden' name='csrf' value='%s'>"
@@ -3919,43 +4333,38 @@ def render_job_page(job, tasks, csrf, now):
                  % (job["id"], escape(csrf), job["priority"],
                     job["max_workers"]))
 
-    parts.append("<h2>Tasks</h2><div class='grid'>")
+    parts.append("<h2>Tasks</h2><div id='grid' class='grid'>")
     for task in tasks:
-        label = "task %d: frames %d-%d, rows %d-%d, %s" % (
-            task["id"], task["frame_first"], task["frame_last"],
-            task["row_first"], task["row_last"], task["state"])
         parts.append("<span title='%s' style='background:%s'></span>"
-                     % (escape(label), TASK_COLOURS.get(task["state"],
-                                                        "#888")))
+                     % (escape(grid_title(task)),
+                        TASK_COLOURS.get(task["state"], "#888")))
     parts.append("</div>")
 
     running = job["running_tasks"]
+    preview = ""
     if running and job["slices_per_frame"] > 1:
         frame = running[0]["frame_first"]
-        parts.append("<h2>Frame %d in progress</h2><img class='thumb' "
-                     "style='width:320px' alt='frame %d so far' "
-                     "src='/api/jobs/%d/preview/%d.png'>"
-                     % (frame, frame, job["id"], frame))
+        preview = ("<h2>Frame %d in progress</h2><img class='preview' "
+                   "alt='frame %d so far' src='/api/jobs/%d/preview/%d.png'>"
+                   % (frame, frame, job["id"], frame))
+    parts.append("<div id='preview'>%s</div>" % preview)
 
-    if job["done_frames"]:
-        parts.append("<h2>Finished frames</h2><p>"
-                     "<a href='/api/jobs/%d/frames.zip'>all (zip)</a> "
-                     "<a href='/api/jobs/%d/animation.png'>animated "
-                     "preview</a></p>" % (job["id"], job["id"]))
-        for frame in job["done_frames"][:48]:
-            parts.append("<a href='/api/jobs/%d/frames/%d.png'><img "
-                         "class='thumb' alt='frame %d' src='/api/jobs/%d/"
-                         "frames/%d.png'></a>"
-                         % (job["id"], frame, frame, job["id"], frame))
+    parts.append("<h2>Finished frames</h2><p id='downloads'>%s</p>"
+                 "<div id='frames'>" % job_links(job))
+    for frame in job["done_frames"][:MAX_THUMBNAILS]:
+        parts.append("<a href='/api/jobs/%d/frames/%d.png'><img "
+                     "class='thumb' alt='frame %d' data-frame='%d' "
+                     "src='/api/jobs/%d/frames/%d.png'></a>"
+                     % (job["id"], frame, frame, frame, job["id"], frame))
+    parts.append("</div><div id='failed'>")
 
-    for task in job["failed_tasks"][:20]:
+    for task in job["failed_tasks"][:MAX_FAILED_SHOWN]:
         parts.append("<h3>Failed task %d (worker %s)</h3><p class='error'>"
                      "%s</p><pre>%s</pre>"
                      % (task["id"], escape(str(task["failed_worker"])),
                         escape(task["error"] or ""),
-                        escape((task["log"] or "")[-4000:])))
-
-    parts.append("</body></html>")
+                        escape((task["log"] or "")[-MAX_LOG_SHOWN:])))
+    parts.append("</div></body></html>")
     return "".join(parts)
 
 
@@ -3967,40 +4376,22 @@ def render_login_page(problem=""):
             "</body></html>" % html.escape(problem))
 
 
-def render_status_page(jobs, workers, now, stale_seconds):
+def render_status_page(jobs, workers):
     """Return the HTML of the status page; every value is escaped."""
     escape = html.escape
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
-             "<meta http-equiv='refresh' content='5'>",
-             "<title>httpov status</title><style>%s</style></head><body>"
-             % PAGE_STYLE,
+    parts = [page_head("httpov status", " data-page='status'"),
              "<h1>httpov</h1><p><a href='/submit'>Submit a job</a></p>"
-             "<h2>Jobs</h2>"]
+             "<h2>Jobs</h2><table><thead><tr><th>Job</th><th>Name</th>"
+             "<th>State</th><th>Progress</th><th>Frames</th><th>Tasks</th>"
+             "<th>Elapsed</th><th>Left (about)</th><th>Downloads</th></tr>"
+             "</thead><tbody id='jobs'>"]
     if not jobs:
-        parts.append("<p>No jobs yet. Submit one with "
-                     "<code>httpov.py submit</code>.</p>")
-    else:
-        parts.append("<table><tr><th>Job</th><th>Name</th><th>State</th>"
-                     "<th>Progress</th><th>Frames</th><th>Tasks</th>"
-                     "<th>Elapsed</th><th>Left (about)</th>"
-                     "<th>Finished frames</th></tr>")
+        parts.append("<tr><td colspan='9'>No jobs yet. Submit one with "
+                     "<code>httpov.py submit</code>.</td></tr>")
     for job in jobs:
         fraction = job["tasks_done"] / max(job["tasks"], 1)
-        links = " ".join(
-            "<a href='/api/jobs/%d/frames/%s.png'>%s</a>"
-            % (job["id"], escape(frame), escape(frame))
-            for frame in list(job["frame_files"])[:100])
-        if len(job["frame_files"]) > 100:
-            links += " ..."
-        if job["frame_files"]:
-            links += (" <a href='/api/jobs/%d/frames.zip'>all (zip)</a>"
-                      % job["id"])
-        if len(job["frame_files"]) > 1:
-            links += (" <a href='/api/jobs/%d/animation.png'>animated "
-                      "preview</a>" % job["id"])
         error = ("<div class='error'>%s</div>" % escape(job["error"])
                  if job["error"] else "")
-        elapsed, left = job_timing(job, now)
         parts.append(
             "<tr><td><a href='/jobs/%d'>%d</a></td><td>%s%s</td><td>%s</td>"
             "<td><div class='bar'><div style='width:%.1f%%'></div></div>"
@@ -4009,35 +4400,26 @@ def render_status_page(jobs, workers, now, stale_seconds):
             % (job["id"], job["id"], escape(job["name"]), error,
                escape(job["state"]), 100 * fraction, 100 * fraction,
                job["frames_done"], job["frames"], job["tasks_done"],
-               job["tasks"], job["tasks_running"], format_seconds(elapsed),
-               format_seconds(left), links))
-    if jobs:
-        parts.append("</table>")
-    parts.append("<h2>Workers</h2>")
+               job["tasks"], job["tasks_running"],
+               format_seconds(job["elapsed_seconds"]),
+               format_seconds(job["left_seconds"]), job_links(job)))
+    parts.append("</tbody></table><h2>Workers</h2><table><thead><tr>"
+                 "<th>Worker</th><th>Name</th><th>Group</th><th>State</th>"
+                 "<th>Task</th><th>Tasks done</th><th>Average task</th>"
+                 "<th>Last seen</th></tr></thead><tbody id='workers'>")
     if not workers:
-        parts.append("<p>No workers yet. Start one with "
-                     "<code>httpov.py work URL</code>.</p>")
-    else:
-        parts.append("<table><tr><th>Worker</th><th>Name</th><th>Group</th>"
-                     "<th>State</th><th>Task</th><th>Tasks done</th>"
-                     "<th>Average task</th><th>Last seen</th></tr>")
-        for worker in workers:
-            seen = now - worker["last_seen"]
-            if seen > stale_seconds:
-                state = "offline"
-            else:
-                state = "busy" if worker["task_id"] else "idle"
-            average = (worker["render_seconds"] / worker["tasks_done"]
-                       if worker["tasks_done"] else None)
-            parts.append(
-                "<tr><td>%d</td><td>%s</td><td>%s</td><td>%s</td>"
-                "<td>%s</td><td>%d</td><td>%s</td><td>%.0f s ago</td></tr>"
-                % (worker["id"], escape(worker["name"]),
-                   escape(worker["grp"]), state,
-                   escape(str(worker["task_id"] or "")),
-                   worker["tasks_done"], format_seconds(average), seen))
-        parts.append("</table>")
-    parts.append("</body></html>")
+        parts.append("<tr><td colspan='8'>No workers yet. Start one with "
+                     "<code>httpov.py work URL</code>.</td></tr>")
+    for worker in workers:
+        parts.append(
+            "<tr><td>%d</td><td>%s</td><td>%s</td><td>%s</td>"
+            "<td>%s</td><td>%d</td><td>%s</td><td>%.0f s ago</td></tr>"
+            % (worker["id"], escape(worker["name"]),
+               escape(worker["group"]), worker["state"],
+               escape(str(worker["task"] or "")), worker["tasks_done"],
+               format_seconds(worker["average_seconds"]),
+               worker["last_seen_seconds"]))
+    parts.append("</tbody></table></body></html>")
     return "".join(parts)
 
 

@@ -551,6 +551,30 @@ class PngTest(unittest.TestCase):
                              b"".join(rows), "frame %d" % index)
         self.assertEqual(image.info.get("duration"), 100)
 
+    @needs_tool("ffmpeg")
+    def test_mp4_pads_odd_sizes(self):
+        info = httpov.ImageInfo(33, 21, 8, 2)
+        paths = [self.write("f%d.png" % seed, info,
+                            random_rows(33, 21, 3, seed=seed))
+                 for seed in range(5)]
+        target = os.path.join(self.folder, "video.mp4")
+        folder = os.path.join(self.folder, "numbered")
+        os.mkdir(folder)
+        httpov.encode_mp4(shutil.which("ffmpeg"), paths, target, folder)
+        self.assertEqual(probe_video(target), ("h264", 34, 22, 5))
+
+    @needs_tool("ffmpeg")
+    def test_mp4_failure_names_ffmpeg_error(self):
+        broken = os.path.join(self.folder, "broken.png")
+        with open(broken, "wb") as out:
+            out.write(b"not a picture")
+        folder = os.path.join(self.folder, "numbered")
+        os.mkdir(folder)
+        with self.assertRaisesRegex(httpov.HelperFailed,
+                                    "ffmpeg failed with exit code"):
+            httpov.encode_mp4(shutil.which("ffmpeg"), [broken],
+                              os.path.join(self.folder, "v.mp4"), folder)
+
     def test_animated_png_rejects_mixed_sizes(self):
         small = self.write("s.png", httpov.ImageInfo(4, 4, 8, 2),
                            random_rows(4, 4, 3))
@@ -941,7 +965,7 @@ class ServerProcess:
     """A real ``httpov.py serve`` on a free loopback port."""
 
     def __init__(self, data_dir, lease=10, extra=(), port=0,
-                 scheme="http"):
+                 scheme="http", env=None):
         self.data_dir = data_dir
         self.log_path = os.path.join(os.path.dirname(data_dir),
                                      "server.log")
@@ -952,7 +976,7 @@ class ServerProcess:
                  data_dir,
                  "--lease", str(lease)] + list(extra),
                 stdout=subprocess.PIPE, stderr=log_file,
-                universal_newlines=True)
+                universal_newlines=True, env=env)
         first_line = self.process.stdout.readline()
         match = re.search(r"port (\d+)", first_line)
         if not match:
@@ -1012,6 +1036,17 @@ def decode_rows(path):
     rows = httpov.iter_png_rows(path)
     info, _ = next(rows)
     return info, b"".join(rows)
+
+
+def probe_video(path):
+    """Return (codec, width, height, frame count) of a video file."""
+    result = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0",
+         "-show_entries", "stream=codec_name,width,height,nb_read_frames",
+         "-of", "json", path], stdout=subprocess.PIPE, check=True)
+    stream = json.loads(result.stdout.decode())["streams"][0]
+    return (stream["codec_name"], stream["width"], stream["height"],
+            int(stream["nb_read_frames"]))
 
 
 def render_plain(scene_dir, target, *options):
@@ -1091,6 +1126,16 @@ class EndToEndTest(unittest.TestCase):
             data = source.read()
         self.assertEqual(data.count(b"fcTL"), 6)
         self.assertIn(b"acTL", data)
+
+    @needs_tool("ffmpeg")
+    def test_mp4_of_animation(self):
+        job_id = self.submit(os.path.join(EXAMPLES, "animation"),
+                             "--frames", "1-4")
+        job = wait_for_job(self.client, job_id)
+        self.assertEqual(job["state"], "done", job["error"])
+        target = os.path.join(self.folder, "animation.mp4")
+        self.client.download("/api/jobs/%d/animation.mp4" % job_id, target)
+        self.assertEqual(probe_video(target), ("h264", 320, 240, 4))
 
     @needs_pillow
     def test_sliced_still_matches_full_render(self):
@@ -2371,6 +2416,21 @@ class JobPageTest(unittest.TestCase):
                          % self.job["id"], data=form, timeout=10)
         job = self.client.call("GET", "/api/jobs/%d" % self.job["id"])
         self.assertEqual((job["priority"], job["max_workers"]), (7, 3))
+
+    def test_mp4_needs_ffmpeg(self):
+        if shutil.which("ffmpeg"):
+            self.assertIn("data-mp4", self.page())
+        empty = make_temp_dir(prefix="httpov-path-")
+        self.addCleanup(shutil.rmtree, empty, True)
+        server = ServerProcess(os.path.join(self.folder, "data2"),
+                               env=dict(os.environ, PATH=empty))
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.addCleanup(client.close)
+        with self.assertRaises(httpov.ApiError) as caught:
+            client.call("GET", "/api/jobs/1/animation.mp4")
+        self.assertEqual(caught.exception.status, 404)
+        self.assertIn("ffmpeg is not installed", str(caught.exception))
 
     def test_preview_of_frame_in_progress(self):
         worker = httpov.ApiClient(self.server.url, self.server.worker)
