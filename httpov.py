@@ -49,9 +49,10 @@ Sections of this file, in the order data flows through them
     4. Images: PNG and PPM reading, writing, cropping and stitching
     5. Storage: the SQLite schema and every query
     6. HTTP server: the JSON API and the status page
-    7. HTTP client, shared by the worker and the CLI
-    8. Worker: running POV-Ray
-    9. Command line
+    7. Old clients: the HTTPov 0.9 protocol
+    8. HTTP client, shared by the worker and the CLI
+    9. Worker: running POV-Ray
+    10. Command line
 """
 
 import argparse
@@ -64,8 +65,10 @@ import http
 import http.client
 import http.server
 import io
+import ipaddress
 import json
 import logging
+import ntpath
 import os
 import random
 import re
@@ -327,6 +330,7 @@ INI_KEYS = {
     "final_frame": "final_frame",
     "initial_clock": "initial_clock",
     "final_clock": "final_clock",
+    "clock": "clock",
     "subset_start_frame": "subset_start",
     "subset_end_frame": "subset_end",
     "cyclic_animation": "cyclic",
@@ -351,6 +355,7 @@ INI_KEYS = {
 SWITCHES = [
     ("KFI", "initial_frame"), ("KFF", "final_frame"),
     ("KI", "initial_clock"), ("KF", "final_clock"), ("KC", "cyclic"),
+    ("K", "clock"),
     ("SF", "subset_start"), ("EF", "subset_end"),
     ("SR", "start_row"), ("ER", "end_row"),
     ("SC", "start_column"), ("EC", "end_column"),
@@ -603,6 +608,7 @@ def resolve_settings(pairs):
         raw.get("initial_clock", 0), "Initial_Clock")
     settings["final_clock"] = parse_number(
         raw.get("final_clock", 1), "Final_Clock")
+    settings["clock"] = parse_number(raw.get("clock", 0), "Clock")
     for name in ("subset_start", "subset_end"):
         if name in raw:
             settings[name] = parse_whole(raw[name], name.replace("_", " "))
@@ -1592,6 +1598,19 @@ CREATE TABLE IF NOT EXISTS workers (
     tasks_done INTEGER NOT NULL DEFAULT 0,
     render_seconds REAL NOT NULL DEFAULT 0
 );
+-- HTTPov 0.9 clients: each "hostname:cid" is one worker, and each batch
+-- number they are given stands for one attempt of one task.
+CREATE TABLE IF NOT EXISTS legacy_clients (
+    client TEXT PRIMARY KEY,
+    worker_id INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS legacy_batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id INTEGER NOT NULL,
+    attempt TEXT NOT NULL,
+    worker_id INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 ACTIVE_JOB_STATES = ("queued", "running")
@@ -1874,55 +1893,64 @@ class Database:
                        " WHERE state = 'leased' AND lease_until < ?",
                        (until, until))
 
-    def claim_task(self, worker_id, now, lease_seconds):
-        """Lease the next task to a worker; return (task, job) or None.
+    def _claimable(self, db, worker_id, now, accept_job):
+        """Yield (job, next task, workers on the job) that a worker may
+        take, best first.
 
         Jobs are tried by priority, highest first, then the job with the
         fewest workers on it, then the oldest. A job whose max_workers
-        is reached is skipped. Within a job, tasks go in order, but a
-        task that failed on this worker goes to other workers first.
+        is reached, or that ``accept_job`` refuses, is skipped. Within a
+        job, tasks go in order, but a task that failed on this worker
+        goes to other workers first.
+        """
+        busy = dict(db.execute(
+            "SELECT job_id, COUNT(DISTINCT worker_id) FROM tasks"
+            " WHERE state = 'leased' GROUP BY job_id").fetchall())
+        jobs = db.execute(
+            "SELECT * FROM jobs WHERE state IN ('queued', 'running')"
+            " ORDER BY priority DESC, id").fetchall()
+        jobs.sort(key=lambda job: (-job["priority"],
+                                   busy.get(job["id"], 0), job["id"]))
+        kept_away = {row[0] for row in db.execute(
+            "SELECT job_id FROM worker_job_failures WHERE worker_id = ?"
+            " AND failures >= ? AND last_failure > ?",
+            (worker_id, WORKER_JOB_FAILURE_LIMIT,
+             now - WORKER_JOB_COOLDOWN_SECONDS))}
+        for job in jobs:
+            if job["id"] in kept_away or not accept_job(job):
+                continue
+            if job["max_workers"] and \
+                    busy.get(job["id"], 0) >= job["max_workers"]:
+                continue
+            task = db.execute(
+                "SELECT * FROM tasks WHERE job_id = ? AND"
+                " state = 'queued' AND (failed_worker IS NULL OR"
+                " failed_worker != ?) ORDER BY seq LIMIT 1",
+                (job["id"], worker_id)).fetchone()
+            if task is None:
+                task = db.execute(
+                    "SELECT * FROM tasks WHERE job_id = ? AND"
+                    " state = 'queued' ORDER BY seq LIMIT 1",
+                    (job["id"],)).fetchone()
+            if task is not None:
+                yield job, task, busy.get(job["id"], 0)
+
+    def claim_task(self, worker_id, now, lease_seconds,
+                   accept_job=lambda job: True):
+        """Lease the next task to a worker; return (task, job) or None.
+
+        See _claimable() for the order; ``accept_job`` narrows the jobs.
         """
         with self.transaction() as db:
             self._worker_seen(db, worker_id, now)
             db.execute("UPDATE workers SET task_id = NULL WHERE id = ?",
                        (worker_id,))
-            busy = dict(db.execute(
-                "SELECT job_id, COUNT(DISTINCT worker_id) FROM tasks"
-                " WHERE state = 'leased' GROUP BY job_id").fetchall())
-            jobs = db.execute(
-                "SELECT * FROM jobs WHERE state IN ('queued', 'running')"
-                " ORDER BY priority DESC, id").fetchall()
-            jobs.sort(key=lambda job: (-job["priority"],
-                                       busy.get(job["id"], 0), job["id"]))
-            kept_away = {row[0] for row in db.execute(
-                "SELECT job_id FROM worker_job_failures WHERE worker_id = ?"
-                " AND failures >= ? AND last_failure > ?",
-                (worker_id, WORKER_JOB_FAILURE_LIMIT,
-                 now - WORKER_JOB_COOLDOWN_SECONDS))}
-            for job in jobs:
-                if job["id"] in kept_away:
-                    continue
-                if job["max_workers"] and \
-                        busy.get(job["id"], 0) >= job["max_workers"]:
-                    continue
-                task = db.execute(
-                    "SELECT * FROM tasks WHERE job_id = ? AND"
-                    " state = 'queued' AND (failed_worker IS NULL OR"
-                    " failed_worker != ?) ORDER BY seq LIMIT 1",
-                    (job["id"], worker_id)).fetchone()
-                if task is None:
-                    task = db.execute(
-                        "SELECT * FROM tasks WHERE job_id = ? AND"
-                        " state = 'queued' ORDER BY seq LIMIT 1",
-                        (job["id"],)).fetchone()
-                if task is None:
-                    continue
+            for job, task, busy in self._claimable(db, worker_id, now,
+                                                   accept_job):
                 if len(json.loads(job["row_ranges"])) > 1:
-                    self._merge_rows(db, job, task, busy.get(job["id"], 0),
-                                     now)
+                    self._merge_rows(db, job, task, busy, now)
                 else:
-                    self._merge_frames(db, job, task,
-                                       busy.get(job["id"], 0), now)
+                    self._merge_frames(db, job, task, busy, now)
                 attempt = secrets.token_hex(16)
                 db.execute(
                     "UPDATE tasks SET state = 'leased', attempt = ?,"
@@ -1941,6 +1969,50 @@ class Database:
                                   (task["id"],)).fetchone()
                 return task, job
         return None
+
+    def claimable_job(self, worker_id, now, accept_job):
+        """Return the job whose task the worker would claim next, or
+        None; nothing is leased."""
+        with self.transaction() as db:
+            self._worker_seen(db, worker_id, now)
+            for job, _, _ in self._claimable(db, worker_id, now,
+                                             accept_job):
+                return job
+        return None
+
+    def legacy_worker(self, client, group, host, now):
+        """Return the worker id of an HTTPov 0.9 client, registering it
+        the first time its "hostname:cid" is seen."""
+        with self.transaction() as db:
+            row = db.execute("SELECT worker_id FROM legacy_clients WHERE"
+                             " client = ?", (client,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE workers SET grp = ?, host = ?,"
+                           " last_seen = ? WHERE id = ?",
+                           (group, host, now, row[0]))
+                return row[0]
+            worker_id = db.execute(
+                "INSERT INTO workers (name, grp, host, registered,"
+                " last_seen) VALUES (?, ?, ?, ?, ?)",
+                (client, group, host, now, now)).lastrowid
+            db.execute("INSERT INTO legacy_clients (client, worker_id)"
+                       " VALUES (?, ?)", (client, worker_id))
+            return worker_id
+
+    def add_legacy_batch(self, task_id, attempt, worker_id, now):
+        """Number an attempt for an HTTPov 0.9 client; return the number."""
+        with self.transaction() as db:
+            return db.execute(
+                "INSERT INTO legacy_batches (task_id, attempt, worker_id,"
+                " created) VALUES (?, ?, ?, ?)",
+                (task_id, attempt, worker_id, now)).lastrowid
+
+    def legacy_batch(self, batch_id):
+        row = self.query_one("SELECT * FROM legacy_batches WHERE id = ?",
+                             (batch_id,))
+        if row is None:
+            raise NotFound("batch %s not found" % batch_id)
+        return row
 
     def _merge_frames(self, db, job, task, busy, now):
         """Grow an adaptive job's task toward the target duration.
@@ -2352,6 +2424,9 @@ class Farm:
                            lease_seconds, target_task_seconds)
         self.stopping = threading.Event()
         self.encoding = threading.Lock()    # one ffmpeg run at a time
+        self.legacy_networks = []           # see --legacy-clients
+        self.legacy_lease_seconds = max(DEFAULT_LEGACY_LEASE_SECONDS,
+                                        lease_seconds)
 
     def path(self, *parts):
         return os.path.join(self.data_dir, *parts)
@@ -2487,6 +2562,22 @@ class Farm:
                 for task in self.db.tasks(job["id"], ("leased",), 100)]
         return summary
 
+    def legacy_archive(self, job_id, name):
+        """Return the path of the archive old clients download for a
+        job, writing it the first time."""
+        job = self.db.job(job_id)
+        if legacy_name(job) != name:
+            raise NotFound("no job archive %s.zip (job %d is %s.zip)"
+                           % (name, job_id, legacy_name(job)))
+        path = self.path("legacy", str(job_id), name + ".zip")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_legacy_archive(
+                self.path("archives", job["archive"] + ".zip"), job, path)
+            server_log.info("job %d: wrote the archive for HTTPov "
+                            "clients", job_id)
+        return path
+
     def worker_summaries(self, now):
         """Return every worker with its state: busy, idle, or offline
         when it has not been heard from for STALE_WORKER_SECONDS."""
@@ -2526,7 +2617,7 @@ class Farm:
 
     def delete(self, job_id):
         job = self.db.delete_job(job_id)
-        for folder in ("frames", "slices"):
+        for folder in ("frames", "slices", "legacy"):
             shutil.rmtree(self.path(folder, str(int(job_id))),
                           ignore_errors=True)
         if not self.db.archive_in_use(job["archive"]):
@@ -2802,17 +2893,20 @@ def lock_data_dir(data_dir):
     return lock_file
 
 
-def copy_member(archive, member, target, limit):
+def copy_member(archive, member, target, limit, signature=PNG_SIGNATURE):
     """Copy a zip member to a file, reading at most ``limit`` bytes.
 
-    Raises UserError for a member that is not a PNG, is larger than its
-    header says or fails to decompress.
+    Raises UserError for a member that does not start with
+    ``signature`` (a PNG's by default), is larger than its header says
+    or fails to decompress.
     """
+    kind = "PNG" if signature == PNG_SIGNATURE else "PPM"
     try:
         with archive.open(member) as source, open(target, "wb") as out:
-            head = source.read(len(PNG_SIGNATURE))
-            if head != PNG_SIGNATURE:
-                raise ImageError("%s is not a PNG file" % member.filename)
+            head = source.read(len(signature))
+            if head != signature:
+                raise ImageError("%s is not a %s file"
+                                 % (member.filename, kind))
             out.write(head)
             left = limit - len(head)
             while True:
@@ -3008,6 +3102,15 @@ ROUTES = [
     ("GET", r"/submit", "page_submit", "page"),
     ("POST", r"/submit", "page_submit_upload", "page"),
     ("POST", r"/jobs/(\d{1,18})/control", "page_job_control", "page"),
+    ("GET", r"/httpov\.php", "legacy_root", "page"),
+    ("POST", r"/httpov\.php", "legacy_root", "page"),
+    ("GET", r"/jobs/(\d{1,18})-([A-Za-z0-9._-]{0,60})\.zip",
+     "legacy_root_archive", "page"),
+    ("GET", r"/legacy/version", "legacy_version", "page"),
+    ("GET", r"/legacy/([^/]{1,200})/httpov\.php", "legacy_token", "page"),
+    ("POST", r"/legacy/([^/]{1,200})/httpov\.php", "legacy_token", "page"),
+    ("GET", r"/legacy/([^/]{1,200})/jobs/(\d{1,18})-([A-Za-z0-9._-]{0,60})"
+     r"\.zip", "legacy_token_archive", "page"),
     ("GET", r"/api/workers", "api_workers", "admin"),
     ("POST", r"/api/workers", "api_register", "worker"),
     ("POST", r"/api/claim", "api_claim", "worker"),
@@ -3660,6 +3763,97 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(b"", "text/plain", 303,
                         {"Location": "/jobs/%d" % summary["id"]})
 
+    # -- HTTPov 0.9 clients (section 7) -------------------------------------
+
+    def send_legacy(self, lines, status=200):
+        body = "".join(line + "\n" for line in lines)
+        self.send_bytes(body.encode("utf-8", "replace"),
+                        "text/plain; charset=utf-8", status)
+
+    def legacy_from_network(self):
+        """Tell whether the client's address is in --legacy-clients."""
+        try:
+            address = ipaddress.ip_address(self.client_address[0])
+        except ValueError:
+            return False
+        if getattr(address, "ipv4_mapped", None):
+            address = address.ipv4_mapped
+        return any(address in network
+                   for network in self.farm.legacy_networks)
+
+    def legacy_refused(self):
+        server_log.warning("HTTPov client at %s refused: not in "
+                           "--legacy-clients", self.address_string())
+        self.send_legacy(["error=this server does not accept HTTPov clients "
+                          "from %s; use the address with the worker token "
+                          "(/legacy/TOKEN/) or start serve with "
+                          "--legacy-clients" % self.client_address[0]], 403)
+
+    def legacy_token_valid(self, token):
+        if hmac.compare_digest(token.encode(),
+                               self.farm.tokens["worker"].encode()):
+            return True
+        server_log.warning("HTTPov client at %s: invalid token in the "
+                           "address", self.address_string())
+        self.send_legacy(["error=the server address holds no valid worker "
+                          "token; see 'httpov.py token'"], 401)
+        return False
+
+    def legacy_root(self):
+        if not self.legacy_from_network():
+            self.legacy_refused()
+            return
+        self.legacy_command()
+
+    def legacy_token(self, token):
+        if self.legacy_token_valid(token):
+            self.legacy_command()
+
+    def legacy_command(self):
+        """Answer one command of the HTTPov 0.9 protocol."""
+        protocol = LegacyProtocol(self.farm, self.query,
+                                  self.client_address[0])
+        if self.command != "POST":
+            self.send_legacy(protocol.answer())
+            return
+        match = re.match(r"^multipart/form-data;\s*boundary=\"?([^\";]+)",
+                         self.headers.get("Content-Type", ""))
+        if not match:
+            raise UserError("expected a multipart/form-data upload")
+        body = self.read_body_to_file(
+            self.farm.max_result_bytes + MAX_JSON_BYTES, ".form")
+        upload = self.farm.temp_path(".zip")
+        try:
+            _, file_name = parse_multipart(
+                body, match.group(1).encode("latin-1"), upload,
+                self.farm.max_result_bytes, "filedata")
+            self.send_legacy(protocol.answer(upload if file_name else None))
+        finally:
+            remove_quietly(body)
+            remove_quietly(upload)
+
+    def legacy_root_archive(self, job_id, name):
+        if not self.legacy_from_network():
+            self.legacy_refused()
+            return
+        self.legacy_send_archive(job_id, name)
+
+    def legacy_token_archive(self, token, job_id, name):
+        if self.legacy_token_valid(token):
+            self.legacy_send_archive(job_id, name)
+
+    def legacy_send_archive(self, job_id, name):
+        name = "%s-%s" % (job_id, name)
+        path = self.farm.legacy_archive(int(job_id), name)
+        self.send_file(path, "application/zip", name + ".zip",
+                       "attachment")
+
+    def legacy_version(self):
+        """Answer the clients' update check with their newest version."""
+        family = (self.query_value("version") or "").partition(".")[0]
+        self.send_legacy(["clientver=%s" % LEGACY_LATEST.get(family,
+                                                              "2.2.1")])
+
     def is_admin_request(self):
         token = self.presented_token()
         return token is not None and hmac.compare_digest(
@@ -4203,11 +4397,13 @@ def render_submit_page(csrf):
             "</body></html>" % (PAGE_STYLE, html.escape(csrf), fields))
 
 
-def parse_multipart(path, boundary, file_target, max_file_bytes):
+def parse_multipart(path, boundary, file_target, max_file_bytes,
+                    file_field="file"):
     """Parse a multipart/form-data body stored in ``path``.
 
-    The part named "file" is streamed to ``file_target``; the other
-    fields are returned as text. Returns (fields, uploaded file name).
+    The part named ``file_field`` is streamed to ``file_target``; the
+    other fields are returned as text. Returns (fields, uploaded file
+    name).
     """
     delimiter = b"\r\n--" + boundary
     fields = {}
@@ -4242,7 +4438,7 @@ def parse_multipart(path, boundary, file_target, max_file_bytes):
             name_match = re.search(r'\bname="([^"]*)"', disposition)
             file_match = re.search(r'\bfilename="([^"]*)"', disposition)
             name = name_match.group(1) if name_match else ""
-            is_file = name == "file"
+            is_file = name == file_field
             limit = max_file_bytes if is_file else MAX_JSON_BYTES
             written = 0
             out = open(file_target, "wb") if is_file else io.BytesIO()
@@ -4424,7 +4620,392 @@ def render_status_page(jobs, workers):
 
 
 # ===========================================================================
-# 7. HTTP client, shared by the worker and the CLI
+# 7. Old clients: the HTTPov 0.9 protocol
+# ===========================================================================
+#
+# Machines that still run the original HTTPov clients (Bash client 1.2,
+# Python client 2.2.1) render for httpov unchanged. Their protocol is one
+# URL, /httpov.php, with the command and its parameters in the query
+# string; replies are "key=value" lines that the clients read by position,
+# so the order of the lines is part of the protocol. This section maps it
+# onto the farm: a client "hostname:cid" is a worker, a batch number is one
+# attempt of one task, frames are counted from 0, and an upload (zipped PNG
+# frames or PPM slices) is turned into an ordinary result. The protocol is
+# closed unless serve opens it: under /legacy/<worker token>/, and at the
+# root for the networks given to --legacy-clients.
+
+LEGACY_LATEST = {"1": "1.2", "2": "2.2.1"}  # client family -> newest
+LEGACY_PING_SECONDS = 60          # the clients' "active" interval
+DEFAULT_LEGACY_LEASE_SECONDS = 150  # two missed pings and some slack
+LEGACY_NAME_CHARS = 40            # of the job name in the archive name
+LEGACY_INI = "pov.ini"            # the settings file the clients run
+LEGACY_JOB_INI = "httpov-job.ini"  # a job's own pov.ini, renamed
+LEGACY_FRAME = re.compile(r"^(?:.*/)?(?P<name>[^/]+)_(?P<frame>\d{1,9})"
+                          r"\.png$")
+LEGACY_SLICE = re.compile(r"^(?:.*/)?slice_\d{1,9}\.ppm$")
+LEGACY_REPORT = re.compile(r"^(?:.*/)?batchreport(?:_\d{1,9})?\.txt$")
+
+
+def legacy_name(job):
+    """Return the name old clients know a job by.
+
+    It names the job's folder and archive on the client and is the base
+    of POV-Ray's output names there, so it holds only safe characters
+    and starts with the job id, never with a dash.
+    """
+    return "%d-%s" % (job["id"],
+                      safe_file_name(job["name"])[:LEGACY_NAME_CHARS])
+
+
+def legacy_can_render(job):
+    """Tell whether old clients can render a job: their slices arrive as
+    PPM files, which have no alpha channel."""
+    settings = json.loads(job["settings"])
+    return not (settings["alpha"] and len(json.loads(job["row_ranges"])) > 1)
+
+
+def frame_clock(settings, frame):
+    """Return POV-Ray's clock value for a frame of an animation."""
+    span = settings["final_frame"] - settings["initial_frame"] + \
+        int(settings["cyclic"])
+    start, end = settings["initial_clock"], settings["final_clock"]
+    if span == 0:
+        return start
+    return start + (frame - settings["initial_frame"]) * (end - start) / span
+
+
+def legacy_job_ini(job):
+    """Return the name of the job's own INI in the legacy archive."""
+    if job["ini"] == LEGACY_INI:
+        return LEGACY_JOB_INI
+    return job["ini"]
+
+
+def ini_value(text):
+    return '"%s"' % text if " " in text else text
+
+
+def legacy_pov_ini(job):
+    """Return the pov.ini that old clients run for a job.
+
+    The clients count frames from 0, so the animation is restated as
+    frames 0 to the frame count, with clocks chosen so that every frame
+    gets the clock it has in the job. A still becomes frames 0 to 2, so
+    that POV-Ray still numbers its output. The job's own INI and options
+    come first and the farm's settings last, as on httpov's workers.
+    """
+    settings = json.loads(job["settings"])
+    count = job["frame_count"]
+    if settings["animated"]:
+        final_frame = count
+        first_clock = frame_clock(settings, job["first_frame"])
+        last_clock = frame_clock(settings, job["first_frame"] + count)
+    else:
+        final_frame = 2
+        first_clock = last_clock = settings.get("clock", 0.0)
+    lines = ["; httpov job %d %r, for HTTPov 0.9 clients"
+             % (job["id"], printable(job["name"], 100))]
+    if job["ini"]:
+        lines.append(ini_value(legacy_job_ini(job)))
+    lines.extend(json.loads(job["povray_options"]))
+    lines.extend([
+        "Input_File_Name=" + ini_value(settings["input_file"]),
+        "Width=%d" % settings["width"],
+        "Height=%d" % settings["height"],
+        "Output_File_Type=N",
+        "Bits_Per_Color=%d" % settings["depth"],
+        "Initial_Frame=0",
+        "Final_Frame=%d" % final_frame,
+        "Initial_Clock=%.17g" % first_clock,
+        "Final_Clock=%.17g" % last_clock,
+        "Cyclic_Animation=off",
+    ])
+    return "\n".join(lines) + "\n"
+
+
+def write_legacy_archive(source_path, job, target):
+    """Write the archive old clients download: the job's folder renamed
+    to its legacy name, with pov.ini added."""
+    name = legacy_name(job)
+    root = job["root"]
+    with zipfile.ZipFile(source_path) as source, \
+            atomic_output(target, ".zip") as out, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name + "/", b"")
+        archive.writestr(name + "/" + LEGACY_INI, legacy_pov_ini(job))
+        for member in source.infolist():
+            if not member.filename.startswith(root) or member.is_dir():
+                continue
+            relative = member.filename[len(root):]
+            if relative == LEGACY_INI:
+                if job["ini"] != LEGACY_INI:
+                    continue
+                relative = LEGACY_JOB_INI
+            copy = zipfile.ZipInfo(name + "/" + relative,
+                                   member.date_time)
+            copy.compress_type = zipfile.ZIP_DEFLATED
+            copy.external_attr = 0o644 << 16
+            with source.open(member) as data, \
+                    archive.open(copy, "w") as written:
+                shutil.copyfileobj(data, written, COPY_CHUNK_BYTES)
+
+
+def read_legacy_log(archive, names):
+    """Return POV-Ray's output that a client zipped with its images."""
+    parts = []
+    for name in names:
+        if LEGACY_REPORT.match(name):
+            with archive.open(name) as source:
+                parts.append(source.read(MAX_LOG_BYTES).decode(
+                    "utf-8", "replace"))
+    return "".join(parts)[-MAX_LOG_BYTES:]
+
+
+def convert_legacy_upload(upload, job, task, target, temp_path):
+    """Turn an old client's upload into a result archive of httpov's
+    own layout (see Farm.deliver), written to ``target``.
+
+    Whole frames arrive as ``<name>_<frame>.png`` with frames counted
+    from 0; a slice arrives as a full-size PPM, of which only the
+    task's rows are kept. ``temp_path`` makes temporary files.
+    """
+    settings = json.loads(job["settings"])
+    name = legacy_name(job)
+    sliced = len(json.loads(job["row_ranges"])) > 1
+    width, height = settings["width"], settings["height"]
+    try:
+        archive = zipfile.ZipFile(upload)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError("upload is not a valid zip file (%s)" % error)
+    scratch = temp_path()
+    try:
+        with archive, zipfile.ZipFile(target, "w") as result:
+            names = archive.namelist()
+            result.writestr("log.txt", read_legacy_log(archive, names))
+            if sliced:
+                slices = [item for item in names if LEGACY_SLICE.match(item)]
+                if len(slices) != 1:
+                    raise UserError("expected one slice_NNNN.ppm in the "
+                                    "upload, found %d (it contains: %s)"
+                                    % (len(slices), ", ".join(names)))
+                member = archive.getinfo(slices[0])
+                copy_member(archive, member, scratch,
+                            COPY_CHUNK_BYTES + width * height * 6, b"P6")
+                with open(scratch, "rb") as stream:
+                    info = read_ppm_header(stream)
+                if (info.width, info.height, info.depth) != \
+                        (width, height, settings["depth"]):
+                    raise ImageError("slice is a %s PPM, expected %dx%d "
+                                     "with %d bits per channel"
+                                     % (info.describe(), width, height,
+                                        settings["depth"]))
+                png = temp_path()
+                try:
+                    ppm_to_png(scratch, png, task["row_first"],
+                               task["row_last"])
+                    result.write(png, "slice.png")
+                finally:
+                    remove_quietly(png)
+                return
+            found = {}
+            for item in names:
+                match = LEGACY_FRAME.match(item)
+                if match and match.group("name") == name:
+                    found[int(match.group("frame"))] = item
+            for frame in range(task["frame_first"], task["frame_last"] + 1):
+                number = frame - job["first_frame"]
+                if number not in found:
+                    raise UserError("frame %d (%s_%d.png) is missing from "
+                                    "the upload (it contains: %s)"
+                                    % (number, name, number,
+                                       ", ".join(names)))
+                copy_member(archive, archive.getinfo(found[number]),
+                            scratch, MAX_RESULT_BYTES)
+                result.write(scratch, "frames/%d.png" % frame)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise UserError("upload is a corrupt zip file (%s)" % error)
+    finally:
+        remove_quietly(scratch)
+
+
+class LegacyProtocol:
+    """Answers the commands of HTTPov 0.9 clients for one farm.
+
+    Each method returns the reply lines in the order the clients read
+    them. Nothing here raises to the client: an old client cannot read
+    JSON, so problems become ``status=error`` or ``command=sleep`` and a
+    line in the server log.
+    """
+
+    def __init__(self, farm, query, address):
+        self.farm = farm
+        self.query = query
+        self.address = address
+        self.client = self.value("client")[:100] or "unknown"
+        self.worker_id = None
+
+    def value(self, name):
+        return (self.query.get(name) or [""])[0].strip()
+
+    def number(self, name):
+        text = self.value(name)
+        if not re.match(r"^\d{1,18}$", text):
+            raise UserError("parameter %s=%r is not a number"
+                            % (name, text))
+        return int(text)
+
+    def answer(self, upload=None):
+        """Run the request's command; return the reply lines."""
+        command = self.value("command")
+        version = self.value("version")
+        family, _, level = version.partition(".")
+        if not version or family == "0":
+            return ["command=sleep",
+                    "message=HTTPov client %s is too old for this server; "
+                    "install client 1.2 or 2.2.1, or httpov.py"
+                    % (version or "(no version)")]
+        handler = getattr(self, "command_" + command, None)
+        if command not in LEGACY_COMMANDS or handler is None:
+            return ["command=unknown"]
+        try:
+            self.worker_id = self.farm.db.legacy_worker(
+                self.client, self.value("cgroup")[:100], self.address,
+                time.time())
+            return handler(level, upload)
+        except (UserError, DatabaseBusy) as error:
+            server_log.warning("legacy client %a (worker %s): %s: %s",
+                               self.client, self.worker_id, command, error)
+            if command in ("getjob", "getbatch"):
+                return ["command=sleep"]
+            return ["status=error"]
+
+    def command_hello(self, level, upload):
+        return ["message=httpov %s ready." % __version__]
+
+    def command_abort(self, level, upload):
+        return []
+
+    def command_getjob(self, level, upload):
+        job = self.farm.db.claimable_job(self.worker_id, time.time(),
+                                         legacy_can_render)
+        if job is None:
+            return ["command=sleep"]
+        server_log.info("legacy client %a (worker %d): job %d",
+                        self.client, self.worker_id, job["id"])
+        lines = ["command=getbatch", "job=%d" % job["id"],
+                 "name=" + legacy_name(job),
+                 "frames=%d" % job["frame_count"]]
+        if version_tuple(level) < (2,):
+            lines.append("message=this HTTPov client is old; client %s "
+                         "renders better" % LEGACY_LATEST.get(
+                             self.value("version").partition(".")[0],
+                             "1.2"))
+        return lines
+
+    def command_getbatch(self, level, upload):
+        job_id = self.number("job")
+        claimed = self.farm.db.claim_task(
+            self.worker_id, time.time(), self.farm.legacy_lease_seconds,
+            lambda job: job["id"] == job_id and legacy_can_render(job))
+        if claimed is None:
+            try:
+                job = self.farm.db.job(job_id)
+            except NotFound:
+                return ["command=getjob"]
+            counts = self.farm.db.task_counts(job_id)
+            if job["state"] in ACTIVE_JOB_STATES and \
+                    not counts["queued"] and counts["leased"] and \
+                    self.farm.db.claimable_job(
+                        self.worker_id, time.time(),
+                        legacy_can_render) is None:
+                # Only running tasks are left, and one may come back:
+                # stay in the job. A job whose queued tasks this client
+                # may not take (max workers) is busy: leave it.
+                return ["command=sleep"]
+            return ["command=getjob"]
+        task, job = claimed
+        batch = self.farm.db.add_legacy_batch(task["id"], task["attempt"],
+                                              self.worker_id, time.time())
+        server_log.info("job %d task %d: leased to legacy client %a "
+                        "(worker %d) as batch %d", job["id"], task["id"],
+                        self.client, self.worker_id, batch)
+        lines = ["command=render", "batch=%d" % batch,
+                 "startframe=%d" % (task["frame_first"] - job["first_frame"]),
+                 "stopframe=%d" % (task["frame_last"] - job["first_frame"])]
+        row_ranges = json.loads(job["row_ranges"])
+        if len(row_ranges) > 1:
+            first_rows = [rows[0] for rows in row_ranges]
+            lines.extend(["slice=%d" % first_rows.index(task["row_first"]),
+                          "startrow=%d" % task["row_first"],
+                          "endrow=%d" % task["row_last"]])
+        return lines
+
+    def batch(self):
+        """Return the legacy batch named by the request, checked against
+        its job and client."""
+        batch = self.farm.db.legacy_batch(self.number("batch"))
+        task = self.farm.db.task(batch["task_id"])
+        if task["job_id"] != self.number("job") or \
+                batch["worker_id"] != self.worker_id:
+            raise Conflict("batch %d belongs to another job or client"
+                           % batch["id"])
+        return batch, task
+
+    def command_active(self, level, upload):
+        batch, task = self.batch()
+        self.farm.db.heartbeat(task["id"], batch["attempt"], self.worker_id,
+                               0.0, time.time(),
+                               self.farm.legacy_lease_seconds)
+        return ["status=ok"]
+
+    def command_abortbatch(self, level, upload):
+        batch, task = self.batch()
+        self.farm.db.fail_task(task["id"], batch["attempt"],
+                               "the HTTPov client %s gave the batch up"
+                               % self.client, "", time.time())
+        server_log.warning("job %d task %d: legacy client %a gave batch "
+                           "%d up", task["job_id"], task["id"], self.client,
+                           batch["id"])
+        return ["status=ok"]
+
+    def command_postbatch(self, level, upload):
+        if upload is None:
+            raise UserError("postbatch without a file in field filedata")
+        batch, task = self.batch()
+        job = self.farm.db.job(task["job_id"])
+        converted = self.farm.temp_path(".zip")
+        try:
+            try:
+                convert_legacy_upload(upload, job, task, converted,
+                                      lambda: self.farm.temp_path(".tmp"))
+                self.farm.deliver(task["id"], batch["attempt"], converted)
+            except Conflict:
+                raise
+            except UserError as error:
+                # The render is unusable: give the task to another
+                # attempt now instead of when the lease runs out.
+                self.farm.db.fail_task(task["id"], batch["attempt"],
+                                       "upload of HTTPov client %s: %s"
+                                       % (self.client, error), "",
+                                       time.time())
+                raise
+        finally:
+            remove_quietly(converted)
+        return ["status=ok"]
+
+
+LEGACY_COMMANDS = ("hello", "getjob", "getbatch", "postbatch", "abortbatch",
+                   "active", "abort")
+
+
+def version_tuple(text):
+    """Turn "2.1" into (2, 1); parts that are not numbers count as 0."""
+    return tuple(int(part) if part.isdigit() else 0
+                 for part in text.split(".") if part != "")
+
+
+# ===========================================================================
+# 8. HTTP client, shared by the worker and the CLI
 # ===========================================================================
 
 
@@ -4578,7 +5159,7 @@ def backoff_delays(first=RETRY_MIN_SECONDS, cap=RETRY_MAX_SECONDS):
 
 
 # ===========================================================================
-# 8. Worker: running POV-Ray
+# 9. Worker: running POV-Ray
 # ===========================================================================
 
 PROGRESS_PATTERN = re.compile(rb"Rendered (\d{1,18}) of (\d{1,18}) pixels")
@@ -4590,6 +5171,9 @@ OUTPUT_BASE = "frame"
 ERROR_FILE = "fatal.txt"
 POVRAY_LINE_WIDTH = 80             # where POV-Ray breaks console lines
 TERMINATE_WAIT_SECONDS = 5.0       # after SIGTERM, before SIGKILL
+WINDOWS_POVRAY_NAMES = ("pvengine", "pvengine64")
+WINDOWS_LOG_FILE = "povray-output.txt"  # pvengine's messages
+CREATE_NO_WINDOW = 0x08000000      # Windows: start without a console
 SYSTEM_POVRAY_INIS = (
     "/etc/povray/3.7/povray.ini",
     "/usr/local/etc/povray/3.7/povray.ini",
@@ -4618,16 +5202,34 @@ def library_paths():
     return paths
 
 
+def is_windows_povray(povray):
+    """Tell whether ``povray`` is POV-Ray for Windows (pvengine), which
+    takes the path in either Windows or POSIX form."""
+    name = ntpath.basename(povray).lower()
+    if name.endswith(".exe"):
+        name = name[:-len(".exe")]
+    return name in WINDOWS_POVRAY_NAMES
+
+
 def povray_command(povray, task, threads, output_base, error_file):
     """Build POV-Ray's command line for a task.
 
     Order matters: the job's INI, then the submit options, then the
     farm's own options, because POV-Ray lets later options win.
+
+    POV-Ray for Windows (pvengine) is a window program: /NR starts it
+    without last session's files, /RENDER names what to render and
+    /EXIT closes it afterwards. It prints nothing to a console, so its
+    messages go to the stream file WINDOWS_LOG_FILE beside the image.
     """
     settings = task["settings"]
     check_task_ranges(task)
+    windows = is_windows_povray(povray)
     command = [povray]
-    if task["ini"]:
+    if windows:
+        command.extend(["/NR", "/EXIT", "/RENDER",
+                        task["ini"] or settings["input_file"]])
+    elif task["ini"]:
         command.append(task["ini"])
     command.extend(task["povray_options"])
     command.extend([
@@ -4640,6 +5242,8 @@ def povray_command(povray, task, threads, output_base, error_file):
         "-D", "-P", "+WT%d" % threads,
         "+GF" + error_file,
     ])
+    if windows:
+        command.append("+GA" + WINDOWS_LOG_FILE)
     if settings["animated"]:
         command.extend(["+SF%d" % task["frame_first"],
                         "+EF%d" % task["frame_last"]])
@@ -4788,6 +5392,10 @@ def render_user(name):
     scene act as root, and for an unknown user.
     """
     if not hasattr(os, "geteuid"):
+        if name:
+            worker_log.warning("--user %s ignored: this system cannot "
+                               "switch users; run the worker itself as "
+                               "that user", name)
         return None, None
     if not name:
         if os.geteuid() == 0:
@@ -5145,9 +5753,14 @@ class Worker:
         os.makedirs(home_dir)
         # POV-Ray takes a bare stream file name and writes the file
         # beside the image; a path elsewhere fails the render.
+        output_base = os.path.join(output_dir, OUTPUT_BASE)
+        windows = is_windows_povray(self.povray)
+        if windows:
+            # Relative to the scene folder, the output path has neither
+            # the drive letter nor the spaces of the work folder.
+            output_base = windows_output_base(output_base, scene_dir)
         command = povray_command(self.povray, task, self.threads,
-                                 os.path.join(output_dir, OUTPUT_BASE),
-                                 ERROR_FILE)
+                                 output_base, ERROR_FILE)
         if self.bwrap:
             command = sandbox_command(
                 self.bwrap, shutil.which(self.povray) or self.povray,
@@ -5166,10 +5779,15 @@ class Worker:
 
         process = self.start_povray(command, scene_dir, environment)
         watchdog = Watchdog(self, self.max_task_seconds, self.stall_seconds)
+        log_file = os.path.join(output_dir, WINDOWS_LOG_FILE)
+        if windows:
+            watchdog.output_file = log_file
         try:
             log_text = self.follow_output(process, task, heartbeat,
                                           watchdog)
             returncode = process.wait()
+            if windows:
+                log_text = read_tail(log_file, MAX_LOG_BYTES)
         finally:
             watchdog.stop()
             if process.poll() is None:
@@ -5223,7 +5841,8 @@ class Worker:
         if os.name == "posix":
             options["start_new_session"] = True
         elif hasattr(subprocess, "CREATE_NEW_PROCESS_GROUP"):
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+            options["creationflags"] = \
+                subprocess.CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
         try:
             process = subprocess.Popen(
                 command, cwd=scene_dir, env=environment,
@@ -5437,6 +6056,8 @@ class Watchdog:
         self.max_seconds = max_seconds
         self.stall_seconds = stall_seconds
         self.started = self.last_output = time.monotonic()
+        self.output_file = None     # output that goes to a file instead
+        self.output_size = 0
         self.reason = None
         self.stopped = threading.Event()
         if max_seconds or stall_seconds:
@@ -5446,6 +6067,14 @@ class Watchdog:
     def run(self):
         while not self.stopped.wait(1.0):
             now = time.monotonic()
+            if self.output_file:
+                try:
+                    size = os.path.getsize(self.output_file)
+                except OSError:
+                    size = 0
+                if size != self.output_size:
+                    self.output_size = size
+                    self.last_output = now
             if self.max_seconds and now - self.started > self.max_seconds:
                 self.reason = ("task ran longer than the limit of %.0f s "
                                "(work --max-task-time)" % self.max_seconds)
@@ -5519,6 +6148,28 @@ class Heartbeat:
         self.worker.terminate_povray()
 
 
+def windows_output_base(output_base, scene_dir, paths=os.path):
+    """Return the output base relative to the scene folder, where
+    pvengine runs; ``paths`` is os.path, or ntpath in tests."""
+    try:
+        return paths.relpath(output_base, scene_dir)
+    except ValueError:
+        # Different drives: only the full path can name the file.
+        return output_base
+
+
+def read_tail(path, limit):
+    """Return the last ``limit`` bytes of a text file, or ""."""
+    try:
+        with open(path, "rb") as source:
+            source.seek(0, io.SEEK_END)
+            source.seek(max(source.tell() - limit, 0))
+            text = source.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def unpack_archive(archive, folder):
     """Unpack a checked job archive into ``folder``."""
     with zipfile.ZipFile(archive) as source:
@@ -5549,7 +6200,7 @@ def default_workdir():
 
 
 # ===========================================================================
-# 9. Command line
+# 10. Command line
 # ===========================================================================
 
 JOB_ACTIONS = ("pause", "resume", "cancel", "retry", "delete")
@@ -5708,6 +6359,8 @@ def command_serve(args):
         raise
     server.farm = farm
     farm.public_status = args.public_status
+    farm.legacy_networks = args.legacy_clients
+    farm.legacy_lease_seconds = args.legacy_lease
     farm.recover()
     port = server.server_address[1]
     host = args.bind
@@ -5729,6 +6382,11 @@ def command_serve(args):
           % (url, farm.tokens["worker"], client_options))
     print("Submit a job:  python3 httpov.py submit %s SCENE --token %s%s"
           % (url, farm.tokens["admin"], client_options))
+    print("HTTPov 0.9 clients (Bash client server URL): %slegacy/%s"
+          % (url, farm.tokens["worker"]))
+    if farm.legacy_networks:
+        print("HTTPov 0.9 clients at the root (%s): %s"
+              % (", ".join(map(str, farm.legacy_networks)), url))
     sys.stdout.flush()
     server_log.info("listening on %s port %d", args.bind, port)
     try:
@@ -5759,6 +6417,12 @@ def command_token(args):
 def find_povray(povray):
     """Return the POV-Ray executable's path, or raise CommandError."""
     found = shutil.which(povray)
+    if found is None and os.name == "nt" and povray == "povray":
+        # POV-Ray for Windows has no "povray" program, only pvengine.
+        for name in WINDOWS_POVRAY_NAMES[::-1]:
+            found = shutil.which(name + ".exe")
+            if found:
+                break
     if found is None:
         raise CommandError("POV-Ray %r not found; install POV-Ray 3.7 or "
                            "pass --povray PATH" % povray)
@@ -5767,7 +6431,7 @@ def find_povray(povray):
 
 def command_work(args):
     """Run ``--tasks`` workers in one process; they split the threads."""
-    find_povray(args.povray)
+    args.povray = find_povray(args.povray)
     threads = args.threads or os.cpu_count() or 1
     name = args.name or socket.gethostname()
     workers = []
@@ -6084,6 +6748,19 @@ def add_job_options(parser):
                        "when the job holds several")
 
 
+def networks(text):
+    """Parse "CIDR[,CIDR...]" for --legacy-clients."""
+    parsed = []
+    for part in text.split(","):
+        try:
+            parsed.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                "%r is not a network; write it as 192.168.1.0/24, "
+                "10.0.0.7 or fd00::/8" % part.strip())
+    return parsed
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="httpov.py",
@@ -6175,6 +6852,20 @@ def build_parser():
                        default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                        help="connections handled at once; more get 503 "
                        "(default %d)" % DEFAULT_MAX_CONNECTIONS)
+    serve.add_argument("--legacy-clients", type=networks,
+                       dest="legacy_clients", default=[],
+                       metavar="CIDR[,CIDR...]",
+                       help="let original HTTPov clients from these "
+                       "networks use /httpov.php at the server root "
+                       "(the Python client needs this); any address "
+                       "can use /legacy/WORKER-TOKEN/httpov.php")
+    serve.add_argument("--legacy-lease", type=seconds(MIN_LEASE_SECONDS),
+                       dest="legacy_lease",
+                       default=DEFAULT_LEGACY_LEASE_SECONDS,
+                       metavar="SECONDS",
+                       help="lease of a batch of an HTTPov client, which "
+                       "pings every %d s (default %d)"
+                       % (LEGACY_PING_SECONDS, DEFAULT_LEGACY_LEASE_SECONDS))
     serve.add_argument("--busy-timeout", type=seconds(0),
                        dest="busy_timeout",
                        default=SQLITE_BUSY_SECONDS, metavar="SECONDS",

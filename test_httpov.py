@@ -5,11 +5,16 @@ or Pillow skip without them, unless HTTPOV_CI=1 is set (as .ci/run
 does), which turns a missing tool into a failure.
 """
 
+import http.client
 import io
-import types
+import ipaddress
 import json
+import logging
+import ntpath
 import os
+import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -20,8 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
-import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -942,6 +947,40 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.strip(), "False")
 
+    def test_windows_povray_is_recognised(self):
+        for name in ("pvengine.exe", "PVENGINE64.EXE", "pvengine64",
+                     "C:\\Program Files\\POV-Ray\\v3.7\\bin\\"
+                     "pvengine64.exe", "/cygdrive/c/POV-Ray/pvengine.exe"):
+            self.assertTrue(httpov.is_windows_povray(name), name)
+        for name in ("povray", "/usr/bin/povray", "C:\\bin\\povray.exe",
+                     "pvengine-wrapper"):
+            self.assertFalse(httpov.is_windows_povray(name), name)
+
+    def test_windows_command_line(self):
+        engine = ("C:\\Program Files\\POV-Ray\\v3.7\\bin\\"
+                  "pvengine64.exe")
+        command = httpov.povray_command(engine, sample_task(), 2,
+                                        "..\\output\\frame", "fatal.txt")
+        self.assertEqual(command[:6], [engine, "/NR", "/EXIT", "/RENDER",
+                                       "demo.ini", "+A0.3"])
+        for option in ("+O..\\output\\frame", "+GApovray-output.txt",
+                       "+GFfatal.txt", "+Idemo.pov", "-D", "+SF3"):
+            self.assertIn(option, command)
+        self.assertTrue(subprocess.list2cmdline(command).startswith(
+            '"C:\\Program Files\\POV-Ray\\v3.7\\bin\\pvengine64.exe" '
+            '/NR /EXIT /RENDER demo.ini'))
+        still = httpov.povray_command(engine, sample_task(ini=None), 1,
+                                      "o", "f")
+        self.assertEqual(still[4], "demo.pov")
+
+    def test_windows_output_base_avoids_spaces_and_drive(self):
+        task_dir = "C:\\Users\\Jo Doe\\httpov work\\task 7"
+        self.assertEqual(httpov.windows_output_base(
+            task_dir + "\\output\\frame", task_dir + "\\scene", ntpath),
+            "..\\output\\frame")
+        self.assertEqual(httpov.windows_output_base(
+            "D:\\out\\frame", "C:\\scene", ntpath), "D:\\out\\frame")
+
     def test_exit_by_signal_is_named(self):
         self.assertIn("SIGKILL", httpov.describe_exit(-9))
         self.assertIn("SIGKILL", httpov.describe_exit(137, True))
@@ -1351,6 +1390,29 @@ class FailureTest(unittest.TestCase):
         self.addCleanup(client.close)
         worker = client.call("POST", "/api/workers", {"name": "test"})
         return client, worker["worker"]
+
+    def test_windows_povray_flavour(self):
+        # A stand-in for pvengine64.exe: it checks the Windows switches
+        # and runs the real POV-Ray, whose messages then reach the
+        # worker only through the +GA file, as with POV-Ray for Windows.
+        engine = os.path.join(self.folder, "pvengine64.exe")
+        with open(engine, "w") as out:
+            out.write('#!/bin/sh\n[ "$1 $2 $3" = "/NR /EXIT /RENDER" ] || '
+                      'exit 3\ncase "$4" in *.ini) first="$4";; '
+                      '*) first="+I$4";; esac\nshift 4\n'
+                      'exec %s "$first" "$@" 2>/dev/null\n' % POVRAY)
+        os.chmod(engine, 0o755)
+        good = self.submit("--", "+W32", "+H24")
+        self.work("--povray", engine, "--sandbox", "none", "--workdir",
+                  os.path.join(self.folder, "work dir"))
+        job = wait_for_job(self.client, good, 120)
+        self.assertEqual(job["state"], "done", job["error"])
+        with open(self.scene, "wb") as out:
+            out.write(b"sphere { 0, 1 pigment { colour Nowhere } }\n")
+        bad = self.submit("--", "+W32", "+H24")
+        job = wait_for_job(self.client, bad, 120)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("Nowhere", job["error"])
 
     def test_scene_without_image_fails(self):
         script = write_script(self.folder, "no-image", "exit 0")
@@ -3681,8 +3743,1324 @@ class JobControlTest(PovrayTestCase):
                                             options)
 
 
-if __name__ == "__main__":
-    unittest.main()
+# ---------------------------------------------------------------------------
+# 7. Old clients: emulators of the HTTPov 0.9 clients, and their tests
+# ---------------------------------------------------------------------------
+#
+# BashClient behaves as the Bash client 1.2 and PythonClient as the Python
+# client 2.2.1 did on the wire (../shared/legacy-protocol.md): the same
+# requests with raw, not URL-encoded, query strings, replies read line by
+# line by position, the job archive fetched once per stay in a job,
+# POV-Ray run inside the job folder, and results uploaded as a zip in a
+# multipart/form-data POST. Unlike the old clients, they also check every
+# reply against the protocol and keep each mismatch in ``violations``.
+
+LOG = logging.getLogger(__name__)
+LOG.addHandler(logging.NullHandler())
+
+# Exit reasons that `LegacyClient.run` returns and stores in `exit_reason`.
+EXIT_STOPPED = "stopped"  # stop(), max_cycles, max_sleeps or stop_when
+EXIT_ERROR = "error"  # the server sent an error= line
+EXIT_NETWORK = "network"  # retries used up, one hello sent
+EXIT_RENDER_FAILED = "render-failed"  # abortbatch sent
+EXIT_CRASHED = "crashed"  # crash_after_render: died without a post
+EXIT_BAD_ARCHIVE = "bad-archive"  # the job zip did not unpack
+EXIT_PROTOCOL = "protocol"  # strict mode saw a reply that breaks the spec
+
+_DEFAULT = object()
+
+# Characters that would break a value sent raw in a query string or a
+# job name used as a file name and as POV-Ray's +O argument.
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._~-]")
+_UNSAFE_NAME = re.compile(r"[\s/\\?#%&+=\x00-\x1f\x7f]")
+
+
+class ClientExit(Exception):
+    """Raised inside a client to end its run, like the old clients' exit."""
+
+    def __init__(self, reason, detail=""):
+        Exception.__init__(self, reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class Exchange(object):
+    """One HTTP request of a client and the reply it got.
+
+    `command` is the protocol command, or "jobzip" for the archive download
+    and "verurl" for the update check. `params` lists the query parameters
+    in the order sent. `status` is None and `error` is set when no reply
+    came or the client treated the reply as a failure. `lines` holds the
+    reply body split at "\\n" without the final empty string.
+    """
+
+    __slots__ = ("command", "method", "path", "params", "status",
+                 "content_type", "body", "text", "lines", "error", "time")
+
+    def __init__(self, command, method, path, params):
+        self.command = command
+        self.method = method
+        self.path = path
+        self.params = list(params)
+        self.status = None
+        self.content_type = None
+        self.body = b""
+        self.text = ""
+        self.lines = []
+        self.error = None
+        self.time = time.time()
+
+    @property
+    def keys(self):
+        """Keys of the reply lines, in order ("" for a line without =)."""
+        return [line.partition("=")[0] if "=" in line else ""
+                for line in self.lines]
+
+    def value(self, key):
+        """Return the value of the first reply line with `key`, or None."""
+        for line in self.lines:
+            name, sep, value = line.partition("=")
+            if sep and name == key:
+                return value
+        return None
+
+    def param(self, key):
+        """Return the value of query parameter `key` as sent, or None."""
+        for name, value in self.params:
+            if name == key:
+                return value
+        return None
+
+    def __repr__(self):
+        return "Exchange(%s %s -> %s %r%s)" % (
+            self.method, self.path, self.status, self.lines,
+            " error=%s" % self.error if self.error else "")
+
+
+class Upload(object):
+    """One result zip a client posted with postbatch."""
+
+    __slots__ = ("filename", "data", "job", "batch", "reply")
+
+    def __init__(self, filename, data, job, batch):
+        self.filename = filename
+        self.data = data
+        self.job = job
+        self.batch = batch
+        self.reply = None  # value of the status= line, once posted
+
+    def names(self):
+        """Return the member names of the zip, in archive order."""
+        with zipfile.ZipFile(io.BytesIO(self.data)) as archive:
+            return archive.namelist()
+
+    def read(self, name):
+        """Return the bytes of member `name`."""
+        with zipfile.ZipFile(io.BytesIO(self.data)) as archive:
+            return archive.read(name)
+
+    def __repr__(self):
+        return "Upload(%s, job=%s, batch=%s, %d bytes)" % (
+            self.filename, self.job, self.batch, len(self.data))
+
+
+class RenderRun(object):
+    """One POV-Ray run: arguments, folder, exit code and console output."""
+
+    __slots__ = ("args", "cwd", "returncode", "output", "files", "failure")
+
+    def __init__(self, args, cwd):
+        self.args = list(args)
+        self.cwd = cwd
+        self.returncode = None
+        self.output = b""
+        self.files = []  # output files found, in frame order
+        self.failure = None  # why the render counts as failed, or None
+
+    def __repr__(self):
+        return "RenderRun(%s, rc=%s, failure=%s)" % (
+            " ".join(self.args), self.returncode, self.failure)
+
+
+class Job(object):
+    """The job a getjob reply handed out."""
+
+    __slots__ = ("id", "name", "frames")
+
+    def __init__(self, job_id, name, frames):
+        self.id = job_id
+        self.name = name
+        self.frames = frames
+
+
+class Batch(object):
+    """The work a getbatch reply handed out."""
+
+    __slots__ = ("id", "startframe", "stopframe", "slice", "startrow",
+                 "endrow")
+
+    def __init__(self, batch_id, startframe, stopframe, slice_number=None,
+                 startrow=None, endrow=None):
+        self.id = batch_id
+        self.startframe = startframe
+        self.stopframe = stopframe
+        self.slice = slice_number
+        self.startrow = startrow
+        self.endrow = endrow
+
+    @property
+    def is_slice(self):
+        return self.slice is not None
+
+
+def check_loopback(host):
+    """Raise ValueError unless `host` names a loopback address."""
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        raise ValueError("host %r is not a loopback address; the legacy "
+                         "client emulators only talk to 127.0.0.0/8 or ::1"
+                         % host)
+    if not address.is_loopback:
+        raise ValueError("host %r is not a loopback address; the legacy "
+                         "client emulators only talk to 127.0.0.0/8 or ::1"
+                         % host)
+
+
+def split_host_port(netloc, default_port=80):
+    """Split "host", "host:port" or "[v6]:port" into (host, port)."""
+    if netloc.startswith("["):
+        host, _, rest = netloc[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif netloc.count(":") == 1:
+        host, _, port = netloc.partition(":")
+    else:
+        host, port = netloc, ""
+    if not host:
+        raise ValueError("missing host in server setting %r" % netloc)
+    if port and not port.isdigit():
+        raise ValueError("invalid port in server setting %r" % netloc)
+    return host, int(port) if port else default_port
+
+
+def feature_level(version):
+    """Return the feature level of a client version as a tuple of ints.
+
+    The part before the first dot is the client family, the rest is the
+    level: "2.2.1" has level (2, 1) and "1.2" has level (2,).
+    """
+    _, _, rest = (version or "").partition(".")
+    level = []
+    for part in rest.split(".") if rest else []:
+        level.append(int(part) if part.isdigit() else 0)
+    return tuple(level)
+
+
+def encode_multipart(field, filename, data, content_type):
+    """Return (body, Content-Type header) of a one-file form upload."""
+    boundary = "----legacy-client-%016x" % random.getrandbits(64)
+    head = ('--%s\r\nContent-Disposition: form-data; name="%s"; '
+            'filename="%s"\r\nContent-Type: %s\r\n\r\n'
+            % (boundary, field, filename, content_type))
+    tail = "\r\n--%s--\r\n" % boundary
+    body = head.encode("utf-8") + data + tail.encode("ascii")
+    return body, "multipart/form-data; boundary=%s" % boundary
+
+
+class LegacyClient(object):
+    """Shared loop of the old clients. Use BashClient or PythonClient.
+
+    Arguments:
+      server: where httpov.php lives, in the form each subclass states.
+      hostname, cid: sent as client=<hostname>:<cid>; cid defaults to the
+        process id, so give clients in one test process distinct cids.
+      version: sent as version=; None omits the parameter.
+      group: sent as cgroup= when set.
+      povray: the POV-Ray command, a string split like a shell would or a
+        list of arguments.
+      workdir: folder for the job archive, the job folder and temporary
+        files; a new temporary folder when None.
+      verurl: update-check URL, called once at the start of run(); None
+        skips the check. It must be a loopback URL.
+      sleep_first, sleep_cap: the wait for work in seconds, doubled after
+        each command=sleep up to the cap (old clients: 2 s and 300 s).
+      retries, retry_first: network retries, waiting retry_first, then
+        twice as long each time (old clients: 10 retries from 1 s).
+      time_scale: factor on every sleep and retry wait actually waited;
+        `sleeps` and `retry_waits` store the unscaled seconds.
+      active_interval: seconds between active pings while POV-Ray runs
+        (old clients: about 60 s); None sends no pings.
+      max_cycles: stop before the getjob or getbatch request that would
+        exceed this count.
+      max_sleeps: stop after this many command=sleep replies in a row.
+      stop_when: callable taking the client, checked before each getjob
+        and getbatch request; a true result stops the client.
+      crash_after_render: die after POV-Ray finishes, posting nothing.
+      fail_render: skip POV-Ray, count the batch as failed and send
+        abortbatch.
+      render_delay: extra seconds a render takes after POV-Ray ends,
+        with active pings going on.
+      render_timeout: seconds after which POV-Ray is killed and the
+        render counts as failed.
+      upload_filter: callable (filename, data) -> (filename, data) that
+        may change a result zip before it is posted.
+      strict: end the run at the first protocol violation.
+      timeout: socket timeout of each HTTP request, in seconds.
+      allow_remote: skip the loopback check of server and verurl.
+    """
+
+    family = None
+    default_version = None
+    adds_png_option = False  # Python client: +FN on the POV-Ray command
+    writes_batchreport = False  # Python client: batchreport.txt in frames
+    zip_folder_entry = False  # Bash client: zip -r stores the folder itself
+    fails_on_http_error = False  # Python client: 4xx/5xx is a failure
+    user_agent = None
+
+    def __init__(self, server, hostname=None, cid=None, version=_DEFAULT,
+                 group=None, povray="povray", workdir=None, verurl=None,
+                 sleep_first=2.0, sleep_cap=300.0, retries=10,
+                 retry_first=1.0, time_scale=1.0, active_interval=60.0,
+                 max_cycles=None, max_sleeps=None, stop_when=None,
+                 crash_after_render=False, fail_render=False,
+                 render_delay=0.0, render_timeout=600.0,
+                 upload_filter=None, strict=True, timeout=30.0,
+                 allow_remote=False):
+        self.server = server
+        self.host, self.port, self.base_path = self._parse_server(server)
+        if not allow_remote:
+            check_loopback(self.host)
+            if verurl:
+                check_loopback(urllib.parse.urlsplit(verurl).hostname or "")
+        self.hostname = hostname or socket.gethostname()
+        self.cid = os.getpid() if cid is None else cid
+        self.version = (self.default_version if version is _DEFAULT
+                        else version)
+        self.group = group
+        if isinstance(povray, str):
+            povray = shlex.split(povray)
+        self.povray = list(povray)
+        self.workdir = workdir or tempfile.mkdtemp(prefix="legacy-client-")
+        self.verurl = verurl
+        self.sleep_first = sleep_first
+        self.sleep_cap = sleep_cap
+        self.retries = retries
+        self.retry_first = retry_first
+        self.time_scale = time_scale
+        self.active_interval = active_interval
+        self.max_cycles = max_cycles
+        self.max_sleeps = max_sleeps
+        self.stop_when = stop_when
+        self.crash_after_render = crash_after_render
+        self.fail_render = fail_render
+        self.render_delay = render_delay
+        self.render_timeout = render_timeout
+        self.upload_filter = upload_filter
+        self.strict = strict
+        self.timeout = timeout
+        self.allow_remote = allow_remote
+
+
+        # What the run did, for tests to assert on.
+        self.transcript = []  # Exchange, one per HTTP attempt
+        self.output = []  # lines the old client would have printed
+        self.violations = []  # replies that break the protocol
+        self.uploads = []  # Upload, one per postbatch
+        self.renders = []  # RenderRun, one per POV-Ray run
+        self.sleeps = []  # seconds of each wait for work (unscaled)
+        self.retry_waits = []  # seconds of each network retry (unscaled)
+        self.latest_version = None  # clientver= of the update check
+        self.exit_reason = None
+        self.exit_detail = ""
+        self.cycles = 0
+        self.consecutive_sleeps = 0
+        self.batches_done = 0
+        self.job = None  # Job of the current stay, or None
+        self.batch = None  # Batch being rendered, or None
+
+        self._next_sleep = sleep_first
+        self._stop_event = threading.Event()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    # -- public interface ------------------------------------------------
+
+    @property
+    def client_id(self):
+        """The client= value: "<hostname>:<cid>"."""
+        return "%s:%s" % (self.hostname, self.cid)
+
+    @property
+    def endpoint_path(self):
+        """Path of httpov.php on the server, without the query string."""
+        return self.base_path + "/httpov.php"
+
+    def job_archive_path(self, name):
+        """Path of the job archive `name` on the server."""
+        return self.base_path + "/jobs/" + name + ".zip"
+
+    def run(self):
+        """Run the client loop until it exits, and return the exit reason.
+
+        The loop is the old clients': optional update check, hello, then
+        getjob and, inside a job, getbatch until the server sends the
+        client away. It ends on an error= line, a failed render, used-up
+        network retries, a crash knob, a strict protocol violation or a
+        stop condition; it never raises for those.
+        """
+        try:
+            if self.verurl:
+                self.check_update()
+            self._hello()
+            while True:
+                job = self._getjob()
+                if job is not None:
+                    self._stay_in_job(job)
+        except ClientExit as exit_:
+            self.exit_reason = exit_.reason
+            self.exit_detail = exit_.detail
+        LOG.info("%s %s exited: %s %s", self.__class__.__name__,
+                 self.client_id, self.exit_reason, self.exit_detail)
+        return self.exit_reason
+
+    def start(self):
+        """Start run() in a daemon thread and return the thread."""
+        self._thread = threading.Thread(target=self.run,
+                                        name="legacy-" + self.client_id)
+        self._thread.daemon = True
+        self._thread.start()
+        return self._thread
+
+    def stop(self):
+        """Ask a running client to stop; a running POV-Ray is killed."""
+        self._stop_event.set()
+
+    def join(self, timeout=None):
+        """Wait for the thread of start() to end; return True if it did."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def check_update(self):
+        """Call `verurl?version=<v>` once and return its clientver= value.
+
+        Returns None when verurl is unset, the request failed or the reply
+        has no clientver= line. The value is also stored in
+        `latest_version`, and a notice is printed when it differs from the
+        client's version.
+        """
+        if not self.verurl:
+            return None
+        parts = urllib.parse.urlsplit(self.verurl)
+        host, port = split_host_port(parts.netloc)
+        path = parts.path or "/"
+        params = [("version", self.version or "")]
+        exchange = self._http(
+            "verurl", "GET", host, port,
+            path + "?" + self._query_string(params), params)
+        if exchange.error:
+            self._print("Update check failed: %s" % exchange.error)
+            return None
+        latest = exchange.value("clientver")
+        self.latest_version = latest
+        if latest and latest != self.version:
+            self._print("A newer client version is available: %s" % latest)
+        return latest
+
+    def send(self, command, **params):
+        """Send one protocol request (no retries) and return the Exchange.
+
+        For tests that need a request the loop would not make, such as
+        `abort`. Parameters go before client, version and cgroup.
+        """
+        return self._request_once(command, sorted(params.items()))
+
+    def requests(self, command=None):
+        """Return the exchanges of `command` (all when None), in order."""
+        return [exchange for exchange in self.transcript
+                if command is None or exchange.command == command]
+
+    # -- request building and sending ------------------------------------
+
+    def _parse_server(self, server):
+        raise NotImplementedError
+
+    def _standard_params(self):
+        params = [("client", self.client_id)]
+        if self.version is not None:
+            params.append(("version", self.version))
+        if self.group:
+            params.append(("cgroup", self.group))
+        return params
+
+    @staticmethod
+    def _query_string(params):
+        # Old clients paste values in as they are, with no URL encoding.
+        return "&".join("%s=%s" % (key, value) for key, value in params)
+
+    def _protocol_path(self, command, params):
+        all_params = ([("command", command)] + list(params)
+                      + self._standard_params())
+        return (self.endpoint_path + "?" + self._query_string(all_params),
+                all_params)
+
+    def _http(self, command, method, host, port, path, params, body=None,
+              content_type=None):
+        exchange = Exchange(command, method, path, params)
+        headers = {"User-Agent": self.user_agent, "Accept": "*/*"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        connection = http.client.HTTPConnection(host, port,
+                                                timeout=self.timeout)
+        try:
+            # skip_accept_encoding keeps the request as plain as curl's.
+            connection.putrequest(method, path, skip_accept_encoding=True)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            if body is not None:
+                connection.putheader("Content-Length", str(len(body)))
+            connection.endheaders(body)
+            response = connection.getresponse()
+            exchange.status = response.status
+            exchange.content_type = response.getheader("Content-Type")
+            exchange.body = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            exchange.error = "%s: %s" % (type(error).__name__, error)
+        finally:
+            connection.close()
+        if exchange.error is None:
+            exchange.text = exchange.body.decode("utf-8", "replace")
+            exchange.lines = exchange.text.split("\n")
+            if exchange.lines and exchange.lines[-1] == "":
+                exchange.lines.pop()
+            if self.fails_on_http_error and exchange.status >= 400:
+                exchange.error = "HTTP status %d" % exchange.status
+        with self._lock:
+            self.transcript.append(exchange)
+        LOG.debug("%s", exchange)
+        return exchange
+
+    def _request_once(self, command, params=(), body=None,
+                      content_type=None):
+        path, all_params = self._protocol_path(command, params)
+        method = "GET" if body is None else "POST"
+        return self._http(command, method, self.host, self.port, path,
+                          all_params, body, content_type)
+
+    def _request(self, command, params=(), body=None, content_type=None):
+        """Send a request with the old clients' retries; return a reply.
+
+        After the last retry fails the client sends one hello and exits.
+        """
+        attempt = 0
+        while True:
+            exchange = self._request_once(command, params, body,
+                                          content_type)
+            if exchange.error is None:
+                return exchange
+            if attempt >= self.retries:
+                self._print("Giving up after %d retries: %s"
+                            % (self.retries, exchange.error))
+                self._request_once("hello")
+                raise ClientExit(EXIT_NETWORK, exchange.error)
+            wait = self.retry_first * 2 ** attempt
+            self.retry_waits.append(wait)
+            self._print("Network error (%s), retrying in %g s"
+                        % (exchange.error, wait))
+            self._wait(wait)
+            attempt += 1
+
+    # -- reply handling --------------------------------------------------
+
+    def _print(self, text):
+        self.output.append(text)
+        LOG.info("%s: %s", self.client_id, text)
+
+    def _violation(self, exchange, text):
+        self._record_violation("%s reply %r: %s" % (
+            exchange.command, exchange.lines, text))
+
+    def _record_violation(self, detail):
+        self.violations.append(detail)
+        LOG.warning("%s: protocol violation: %s", self.client_id, detail)
+        if self.strict:
+            raise ClientExit(EXIT_PROTOCOL, detail)
+
+    def _read_reply(self, exchange):
+        """Check the reply's framing, print message= lines, obey error=."""
+        if exchange.content_type is None or not exchange.content_type \
+                .split(";")[0].strip().lower() == "text/plain":
+            self._violation(exchange, "Content-Type is %r, expected "
+                            "text/plain" % exchange.content_type)
+        if exchange.text and not exchange.text.endswith("\n"):
+            self._violation(exchange, "last line does not end in \\n")
+        if "\r" in exchange.text:
+            self._violation(exchange, "reply contains \\r")
+        for line in exchange.lines:
+            if line.startswith("error="):
+                self._print(line[len("error="):])
+                raise ClientExit(EXIT_ERROR, line)
+        for line in exchange.lines:
+            if line.startswith("message="):
+                self._print(line[len("message="):])
+        for line in exchange.lines:
+            if "=" not in line:
+                self._violation(exchange, "line %r is not key=value" % line)
+
+    def _value_at(self, exchange, position, key):
+        """Return the value of reply line `position` (0-based).
+
+        Like the old clients, this ignores the key written on the line; a
+        different key is recorded as a violation. A missing line reads as
+        an empty value.
+        """
+        if position >= len(exchange.lines):
+            self._violation(exchange, "line %d (%s=) is missing"
+                            % (position + 1, key))
+            return ""
+        name, _, value = exchange.lines[position].partition("=")
+        if name != key:
+            self._violation(exchange, "line %d is %s=, expected %s="
+                            % (position + 1, name, key))
+        return value
+
+    def _expect_keys(self, exchange, keys, optional_tail=()):
+        actual = exchange.keys
+        if actual != list(keys) and actual != list(keys) + list(
+                optional_tail):
+            self._violation(exchange, "lines are %s, expected %s%s" % (
+                actual, list(keys),
+                " (+ %s)" % list(optional_tail) if optional_tail else ""))
+
+    def _int_at(self, exchange, position, key, minimum=0):
+        text = self._value_at(exchange, position, key)
+        if not text.isdigit() or int(text) < minimum:
+            self._violation(exchange, "%s=%r is not an integer >= %d"
+                            % (key, text, minimum))
+            return minimum
+        return int(text)
+
+    def _id_at(self, exchange, position, key):
+        text = self._value_at(exchange, position, key)
+        if not text or _UNSAFE_ID.search(text):
+            self._violation(exchange, "%s=%r is empty or has characters "
+                            "that break a raw query string" % (key, text))
+        return text
+
+    @property
+    def _gated(self):
+        """True when the server must answer every request with the gate."""
+        return self.version is None or self.version.split(".")[0] == "0"
+
+    @property
+    def _below_level_2(self):
+        return feature_level(self.version) < (2,)
+
+    # -- the loop --------------------------------------------------------
+
+    def _check_stop(self):
+        if self._stop_event.is_set():
+            raise ClientExit(EXIT_STOPPED, "stop() called")
+        if self.max_cycles is not None and self.cycles >= self.max_cycles:
+            raise ClientExit(EXIT_STOPPED, "max_cycles reached")
+        if (self.max_sleeps is not None
+                and self.consecutive_sleeps >= self.max_sleeps):
+            raise ClientExit(EXIT_STOPPED, "max_sleeps reached")
+        if self.stop_when is not None and self.stop_when(self):
+            raise ClientExit(EXIT_STOPPED, "stop_when returned true")
+        self.cycles += 1
+
+    def _wait(self, seconds):
+        if self._stop_event.wait(seconds * self.time_scale):
+            raise ClientExit(EXIT_STOPPED, "stop() called")
+
+    def _sleep_for_work(self):
+        seconds = self._next_sleep
+        self.sleeps.append(seconds)
+        self.consecutive_sleeps += 1
+        self._wait(seconds)
+        self._next_sleep = min(self._next_sleep * 2, self.sleep_cap)
+
+    def _hello(self):
+        exchange = self._request("hello")
+        self._read_reply(exchange)
+        if self._gated:
+            self._expect_keys(exchange, ["command", "message"])
+        else:
+            self._expect_keys(exchange, ["message"])
+
+    def _getjob(self):
+        """Ask for a job; return it, or None after sleeping."""
+        self._check_stop()
+        exchange = self._request("getjob")
+        self._read_reply(exchange)
+        command = self._value_at(exchange, 0, "command")
+        if self._gated:
+            self._expect_keys(exchange, ["command", "message"])
+            if command != "sleep":
+                self._violation(exchange, "a client without a version or "
+                                "of family 0 must get command=sleep")
+        if command == "getbatch":
+            tail = ["message"] if self._below_level_2 else []
+            self._expect_keys(exchange,
+                              ["command", "job", "name", "frames"] + tail)
+            job_id = self._id_at(exchange, 1, "job")
+            name = self._value_at(exchange, 2, "name")
+            if (not name or name.startswith(".")
+                    or _UNSAFE_NAME.search(name)):
+                self._violation(exchange, "job name %r is not a safe file "
+                                "name" % name)
+            frames = self._int_at(exchange, 3, "frames", minimum=1)
+            return Job(job_id, name, frames)
+        if command == "sleep":
+            if not self._gated:
+                tail = ["message"] if self._below_level_2 else []
+                self._expect_keys(exchange, ["command"], tail)
+            self._sleep_for_work()
+            return None
+        self._violation(exchange, "getjob reply command=%r is neither "
+                        "getbatch nor sleep" % command)
+        self._sleep_for_work()
+        return None
+
+    def _stay_in_job(self, job):
+        """Render batches of `job` until the server sends the client away."""
+        self.job = job
+        self._fetch_job(job)
+        while True:
+            self._check_stop()
+            exchange = self._request("getbatch", [("job", job.id)])
+            self._read_reply(exchange)
+            command = self._value_at(exchange, 0, "command")
+            if command == "render":
+                batch = self._parse_batch(exchange, job)
+                self._next_sleep = self.sleep_first
+                self.consecutive_sleeps = 0
+                self._render_batch(job, batch)
+            elif command == "sleep":
+                self._expect_keys(exchange, ["command"])
+                self._sleep_for_work()
+            elif command == "getjob":
+                self._expect_keys(exchange, ["command"])
+                self._leave_job(job)
+                return
+            else:
+                self._violation(exchange, "getbatch reply command=%r is not "
+                                "render, sleep or getjob" % command)
+                self._sleep_for_work()
+
+    def _parse_batch(self, exchange, job):
+        frame_keys = ["command", "batch", "startframe", "stopframe"]
+        slice_keys = ["slice", "startrow", "endrow"]
+        sliced = len(exchange.lines) > len(frame_keys)
+        self._expect_keys(exchange,
+                          frame_keys + slice_keys if sliced else frame_keys)
+        batch_id = self._id_at(exchange, 1, "batch")
+        start = self._int_at(exchange, 2, "startframe")
+        stop = self._int_at(exchange, 3, "stopframe")
+        if not start <= stop < job.frames:
+            self._violation(exchange, "frames %d..%d are not within "
+                            "0..%d" % (start, stop, job.frames - 1))
+        if not sliced:
+            return Batch(batch_id, start, stop)
+        slice_number = self._int_at(exchange, 4, "slice")
+        startrow = self._int_at(exchange, 5, "startrow", minimum=1)
+        endrow = self._int_at(exchange, 6, "endrow", minimum=1)
+        if startrow > endrow:
+            self._violation(exchange, "startrow %d is after endrow %d"
+                            % (startrow, endrow))
+        if start != stop:
+            self._violation(exchange, "a slice covers frames %d..%d, "
+                            "expected one frame" % (start, stop))
+        return Batch(batch_id, start, stop, slice_number, startrow, endrow)
+
+    # -- job archive -----------------------------------------------------
+
+    def _job_zip(self, job):
+        return os.path.join(self.workdir, job.name + ".zip")
+
+    def _job_folder(self, job):
+        return os.path.join(self.workdir, job.name)
+
+    def _fetch_job(self, job):
+        """Download and unpack the job archive, once per stay in a job."""
+        zip_path = self._job_zip(job)
+        # Files left by an earlier run in the same workdir are stale.
+        shutil.rmtree(self._job_folder(job), ignore_errors=True)
+        exchange = self._download(job)
+        with open(zip_path, "wb") as stream:
+            stream.write(exchange.body)
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                self._check_archive(exchange, archive, job)
+                archive.extractall(self.workdir)
+        except zipfile.BadZipfile as error:
+            self._print("Cannot unpack %s.zip: %s" % (job.name, error))
+            raise ClientExit(EXIT_BAD_ARCHIVE, str(error))
+        if not os.path.isfile(os.path.join(self._job_folder(job),
+                                           "pov.ini")):
+            self._print("%s.zip has no %s/pov.ini" % (job.name, job.name))
+            raise ClientExit(EXIT_BAD_ARCHIVE, "pov.ini missing")
+
+    def _download(self, job):
+        path = self.job_archive_path(job.name)
+        attempt = 0
+        while True:
+            exchange = self._http("jobzip", "GET", self.host, self.port,
+                                  path, [])
+            if exchange.error is None:
+                return exchange
+            if attempt >= self.retries:
+                self._request_once("hello")
+                raise ClientExit(EXIT_NETWORK, exchange.error)
+            wait = self.retry_first * 2 ** attempt
+            self.retry_waits.append(wait)
+            self._wait(wait)
+            attempt += 1
+
+    def _check_archive(self, exchange, archive, job):
+        prefix = job.name + "/"
+        for name in archive.namelist():
+            parts = name.split("/")
+            if name.startswith("/") or ".." in parts or "\\" in name:
+                self._violation(exchange, "archive member %r escapes the "
+                                "job folder" % name)
+                raise ClientExit(EXIT_BAD_ARCHIVE, name)
+            if not (name + "/").startswith(prefix):
+                self._violation(exchange, "archive member %r is outside "
+                                "%s" % (name, prefix))
+        if prefix + "pov.ini" not in archive.namelist():
+            self._violation(exchange, "archive has no %spov.ini" % prefix)
+
+    def _leave_job(self, job):
+        zip_path = self._job_zip(job)
+        if os.path.exists(zip_path):
+            os.remove(zip_path)
+        shutil.rmtree(self._job_folder(job), ignore_errors=True)
+        self.job = None
+
+    # -- rendering -------------------------------------------------------
+
+    def povray_args(self, job, batch):
+        """Return the POV-Ray command line the client runs for `batch`."""
+        args = self.povray + ["-D", "pov.ini", "+O%s_" % job.name,
+                              "+SF%d" % batch.startframe,
+                              "+EF%d" % batch.stopframe]
+        # +FN goes before +FP so that a slice still comes out as PPM.
+        if self.adds_png_option:
+            args.append("+FN")
+        if batch.is_slice:
+            args += ["+SR%d" % batch.startrow, "+ER%d" % batch.endrow,
+                     "+FP"]
+        return args
+
+    def _output_pattern(self, job, batch):
+        extension = "ppm" if batch.is_slice else "png"
+        return re.compile(r"^%s_(\d+)\.%s$" % (re.escape(job.name),
+                                                extension))
+
+    def _remove_outputs(self, folder, job):
+        pattern = re.compile(r"^%s_\d+\.(png|ppm)$" % re.escape(job.name))
+        for entry in os.listdir(folder):
+            if pattern.match(entry):
+                os.remove(os.path.join(folder, entry))
+
+    def _render_batch(self, job, batch):
+        self.batch = batch
+        folder = self._job_folder(job)
+        if self.fail_render:
+            self._abort_batch(job, batch, "fail_render is set")
+        self._remove_outputs(folder, job)
+        run = RenderRun(self.povray_args(job, batch), folder)
+        self.renders.append(run)
+        self._run_povray(job, batch, run)
+        if run.failure:
+            self._abort_batch(job, batch, run.failure)
+        if self.crash_after_render:
+            raise ClientExit(EXIT_CRASHED, "crash_after_render is set")
+        filename, data = self._build_result_zip(job, batch, run)
+        self._remove_outputs(folder, job)
+        self._post_batch(job, batch, filename, data)
+        self.batch = None
+
+    def _ping(self, job, batch):
+        exchange = self._request_once("active", [("batch", batch.id),
+                                                 ("job", job.id)])
+        if exchange.error is None:
+            self._read_reply(exchange)
+            self._expect_keys(exchange, ["status"])
+
+    def _run_povray(self, job, batch, run):
+        """Run POV-Ray with pings; set run.failure when the render failed."""
+        report_path = os.path.join(self.workdir, ".povray-output.txt")
+        started = time.time()
+        with open(report_path, "wb") as report:
+            try:
+                process = subprocess.Popen(run.args, cwd=run.cwd,
+                                           stdin=subprocess.DEVNULL,
+                                           stdout=report,
+                                           stderr=subprocess.STDOUT)
+            except OSError as error:
+                run.failure = "cannot start POV-Ray: %s" % error
+                return
+            try:
+                run.returncode = self._wait_with_pings(process, job, batch,
+                                                       started)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        with open(report_path, "rb") as report:
+            run.output = report.read()
+        os.remove(report_path)
+        if run.returncode is None:
+            run.failure = ("POV-Ray timed out after %g s"
+                           % self.render_timeout)
+        elif run.returncode != 0:
+            run.failure = "POV-Ray exited with %d" % run.returncode
+        elif b"Parse Error" in run.output:
+            run.failure = "POV-Ray output contains Parse Error"
+        elif b"Aborting render" in run.output:
+            run.failure = "POV-Ray output contains Aborting render"
+        else:
+            run.failure = self._find_outputs(job, batch, run)
+
+    def _wait_with_pings(self, process, job, batch, started):
+        """Wait for POV-Ray and render_delay; return its exit code.
+
+        Returns None when render_timeout ran out. Raises ClientExit when
+        stop() is called meanwhile.
+        """
+        interval = self.active_interval
+        next_ping = started + interval if interval else None
+        returncode = None
+        ended = None
+        while True:
+            now = time.time()
+            if self._stop_event.is_set():
+                raise ClientExit(EXIT_STOPPED, "stop() called while "
+                                 "rendering")
+            if returncode is None:
+                returncode = process.poll()
+                if returncode is not None:
+                    ended = now
+            if (returncode is not None
+                    and now >= ended + self.render_delay * self.time_scale):
+                return returncode
+            if now >= started + self.render_timeout:
+                return None
+            if next_ping is not None and now >= next_ping:
+                self._ping(job, batch)
+                next_ping = now + interval
+            wake = [started + self.render_timeout, now + 0.05]
+            if next_ping is not None:
+                wake.append(next_ping)
+            time.sleep(max(0.0, min(wake) - time.time()))
+
+    def _find_outputs(self, job, batch, run):
+        """Collect POV-Ray's output files; return a failure text or None."""
+        pattern = self._output_pattern(job, batch)
+        by_frame = {}
+        for entry in sorted(os.listdir(run.cwd)):
+            match = pattern.match(entry)
+            if match:
+                by_frame.setdefault(int(match.group(1)), entry)
+        for frame in range(batch.startframe, batch.stopframe + 1):
+            if frame not in by_frame:
+                return ("POV-Ray wrote no output file for frame %d "
+                        "(expected %s_<frame>.%s)" % (
+                            frame, job.name,
+                            "ppm" if batch.is_slice else "png"))
+            run.files.append(by_frame[frame])
+        self._check_padding(job, run.files, pattern)
+        return None
+
+    def _check_padding(self, job, files, pattern):
+        # pov.ini sets Final_Frame to the frame count (2 for a still), and
+        # POV-Ray 3.7 pads frame numbers to the digits of Final_Frame.
+        digits = len(str(job.frames))
+        for entry in files:
+            if len(pattern.match(entry).group(1)) != digits:
+                self._record_violation(
+                    "POV-Ray wrote %s, but a job of %d frames should pad "
+                    "frame numbers to %d digits (Final_Frame=%d in pov.ini)"
+                    % (entry, job.frames, digits, max(job.frames, 2)))
+
+    def _abort_batch(self, job, batch, reason):
+        self._print("Render failed: %s" % reason)
+        exchange = self._request("abortbatch", [("batch", batch.id),
+                                                ("job", job.id)])
+        self._read_reply(exchange)
+        # Old clients ignore the status value (0.9 always sent error).
+        self._expect_keys(exchange, ["status"])
+        raise ClientExit(EXIT_RENDER_FAILED, reason)
+
+    # -- upload ----------------------------------------------------------
+
+    def result_names(self, job, batch):
+        """Return (zip file name, folder name inside it) for `batch`."""
+        folder = "%s_frame_%08d" % (job.name, batch.startframe)
+        if batch.is_slice:
+            return "%s_%04d.zip" % (folder, batch.slice), folder
+        return folder + ".zip", folder
+
+    def _build_result_zip(self, job, batch, run):
+        filename, folder = self.result_names(job, batch)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            if self.zip_folder_entry:
+                archive.writestr(zipfile.ZipInfo(folder + "/"), b"")
+            if batch.is_slice:
+                archive.write(os.path.join(run.cwd, run.files[0]),
+                              "%s/slice_%04d.ppm" % (folder, batch.slice))
+                archive.writestr("%s/batchreport_%04d.txt"
+                                 % (folder, batch.slice), run.output)
+            else:
+                for entry in run.files:
+                    archive.write(os.path.join(run.cwd, entry),
+                                  folder + "/" + entry)
+                if self.writes_batchreport:
+                    archive.writestr(folder + "/batchreport.txt",
+                                     run.output)
+        return filename, buffer.getvalue()
+
+    def _post_batch(self, job, batch, filename, data):
+        if self.upload_filter is not None:
+            filename, data = self.upload_filter(filename, data)
+        upload = Upload(filename, data, job.id, batch.id)
+        self.uploads.append(upload)
+        body, content_type = encode_multipart(
+            "filedata", filename, data, "application/octet-stream")
+        exchange = self._request("postbatch",
+                                 [("batch", batch.id), ("job", job.id)],
+                                 body, content_type)
+        self._read_reply(exchange)
+        self._expect_keys(exchange, ["status"])
+        upload.reply = self._value_at(exchange, 0, "status")
+        if upload.reply == "ok":
+            self.batches_done += 1
+        else:
+            self._print("Upload of %s was not accepted (status=%s)"
+                        % (filename, upload.reply))
+
+
+class BashClient(LegacyClient):
+    """Emulator of the HTTPov Bash client 1.2.
+
+    `server` is a base URL such as http://127.0.0.1:8080/legacy/TOKEN; the
+    client requests <base>/httpov.php and <base>/jobs/<name>.zip. Like
+    curl without -f it reads the reply body whatever the HTTP status,
+    relies on PNG being POV-Ray's default output format, and zips the
+    result folder with its folder entry (as zip -r does).
+    """
+
+    family = "1"
+    default_version = "1.2"
+    zip_folder_entry = True
+    user_agent = "legacy-bash-client-emulator/1.2"
+
+    def _parse_server(self, server):
+        parts = urllib.parse.urlsplit(server)
+        if parts.scheme != "http":
+            raise ValueError("Bash client server setting %r must be an "
+                             "http:// URL" % server)
+        if parts.query or parts.fragment:
+            raise ValueError("Bash client server setting %r must not have "
+                             "a query or fragment" % server)
+        host, port = split_host_port(parts.netloc)
+        return host, port, parts.path.rstrip("/")
+
+
+class PythonClient(LegacyClient):
+    """Emulator of the HTTPov Python client 2.2.1.
+
+    `server` is a bare host or host:port; the client always requests
+    http://host:port/httpov.php and /jobs/<name>.zip at the server root.
+    HTTP statuses 4xx and 5xx count as network errors and are retried. It
+    adds +FN to POV-Ray's command and puts batchreport.txt (POV-Ray's
+    console output) into the zip of whole frames.
+    """
+
+    family = "2"
+    default_version = "2.2.1"
+    adds_png_option = True
+    writes_batchreport = True
+    fails_on_http_error = True
+    user_agent = "legacy-python-client-emulator/2.2.1"
+
+    def _parse_server(self, server):
+        if "/" in server:
+            raise ValueError("Python client server setting %r must be a "
+                             "bare host[:port]" % server)
+        host, port = split_host_port(server)
+        return host, port, ""
+
+
+@needs_povray
+class LegacyProtocolTest(unittest.TestCase):
+    """Old HTTPov clients, emulated as the documented protocol describes,
+    render real jobs with real POV-Ray for a real server."""
+
+    def setUp(self):
+        self.folder = make_temp_dir(prefix="httpov-legacy-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.clients = []
+        self.addCleanup(self.stop_clients)
+
+    def start_server(self, *extra):
+        self.server = ServerProcess(os.path.join(self.folder, "data"),
+                                    extra=extra)
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+
+    def stop_clients(self):
+        for client in self.clients:
+            client.stop()
+        for client in self.clients:
+            client.join(30)
+
+    def submit(self, path, *options):
+        result = run_cli("submit", self.server.url, path, "--token",
+                         self.server.admin, *options)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return int(result.stdout)
+
+    def old_client(self, kind, **options):
+        if kind is BashClient:
+            server = "%slegacy/%s" % (self.server.url, self.server.worker)
+        else:
+            server = "127.0.0.1:%d" % self.server.port
+        options.setdefault("cid", len(self.clients) + 1)
+        options.setdefault("hostname", "oldbox")
+        options.setdefault("time_scale", 0.05)
+        options.setdefault("active_interval", 1.0)
+        options.setdefault("verurl", "%slegacy/version" % self.server.url)
+        client = kind(server, povray=[POVRAY],
+                      workdir=make_temp_dir(dir=self.folder), **options)
+        self.clients.append(client)
+        client.start()
+        return client
+
+    def raw(self, path, method="GET"):
+        connection = http.client.HTTPConnection("127.0.0.1",
+                                                self.server.port, timeout=10)
+        try:
+            connection.request(method, path)
+            response = connection.getresponse()
+            return (response.status, response.getheader("Content-Type"),
+                    response.read().decode())
+        finally:
+            connection.close()
+
+    def test_bash_client_renders_sliced_still(self):
+        self.start_server()
+        source = os.path.join(EXAMPLES, "sliced-still")
+        job_id = self.submit(source, "--slices", "4", "--", "+W160",
+                             "+H120")
+        old = self.old_client(BashClient, version="1.2")
+        job = wait_for_job(self.client, job_id, 180)
+        self.assertEqual(job["state"], "done", job["error"])
+        reference = os.path.join(self.folder, "ref")
+        os.makedirs(reference)
+        render_plain(source, os.path.join(reference, "still.png"),
+                     "+W160", "+H120")
+        _, expected = decode_rows(os.path.join(reference, "still.png"))
+        target = os.path.join(self.folder, "still.png")
+        self.client.download("/api/jobs/%d/frames/%d.png"
+                             % (job_id, job["first_frame"]), target)
+        info, actual = decode_rows(target)
+        self.assertEqual((info.width, info.height), (160, 120))
+        self.assertEqual(actual, expected, "stitched PPM slices differ")
+        self.assertEqual(old.violations, [])
+        self.assertTrue(old.uploads)
+        self.assertEqual({upload.reply for upload in old.uploads}, {"ok"})
+        self.assertEqual(old.latest_version, "1.2")
+        names = [worker["name"] for worker in
+                 self.client.call("GET", "/api/workers")["workers"]]
+        self.assertIn("oldbox:1", names)
+
+    def test_python_client_renders_animation_at_root(self):
+        self.start_server("--legacy-clients", "127.0.0.0/8,::1")
+        source = os.path.join(EXAMPLES, "animation")
+        job_id = self.submit(source, "--frames", "3-6")
+        old = self.old_client(PythonClient)
+        job = wait_for_job(self.client, job_id, 180)
+        self.assertEqual(job["state"], "done", job["error"])
+        reference = os.path.join(self.folder, "anim-ref")
+        os.makedirs(reference)
+        render_plain(source, os.path.join(reference, "f"), "+SF5", "+EF5")
+        _, expected = decode_rows(os.path.join(reference, "f05.png"))
+        target = os.path.join(self.folder, "f5.png")
+        self.client.download("/api/jobs/%d/frames/5.png" % job_id, target)
+        _, actual = decode_rows(target)
+        self.assertEqual(actual, expected,
+                         "frame 5 (legacy frame 2) has another clock")
+        self.assertEqual(old.violations, [])
+        started = sorted(int(exchange.value("startframe"))
+                         for exchange in old.requests("getbatch")
+                         if exchange.value("command") == "render")
+        self.assertEqual(started[0], 0)
+
+    def sphere_job(self, *options):
+        scene = os.path.join(self.folder, "ball.pov")
+        with open(scene, "wb") as out:
+            out.write(SPHERE_SCENE)
+        return self.submit(scene, *options)
+
+    def test_abortbatch_and_crash_requeue_the_task(self):
+        self.start_server("--legacy-lease", "3")
+        job_id = self.sphere_job("--", "+W48", "+H32")
+        quitter = self.old_client(BashClient, fail_render=True)
+        quitter.join(60)
+        self.assertEqual(quitter.exit_reason, "render-failed")
+        task = self.client.call("GET", "/api/jobs/%d/tasks"
+                                % job_id)["tasks"][0]
+        self.assertEqual((task["state"], task["attempts"]), ("queued", 1))
+        self.assertIn("gave the batch up", task["error"])
+        crasher = self.old_client(BashClient, crash_after_render=True)
+        crasher.join(60)
+        self.assertEqual(crasher.exit_reason, "crashed")
+        self.old_client(BashClient)
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+        task = self.client.call("GET", "/api/jobs/%d/tasks"
+                                % job_id)["tasks"][0]
+        self.assertEqual(task["attempts"], 3, "abort, expired lease, done")
+
+    def test_active_ping_renews_lease(self):
+        self.start_server("--legacy-lease", "2")
+        job_id = self.sphere_job("--", "+W48", "+H32")
+        slow = self.old_client(BashClient, render_delay=6,
+                               active_interval=0.5, time_scale=1.0)
+        deadline = time.time() + 30
+        while not slow.requests("active") and time.time() < deadline:
+            time.sleep(0.2)
+        other = BashClient("%slegacy/%s" % (self.server.url,
+                                            self.server.worker),
+                           hostname="other", cid=9, povray=[POVRAY],
+                           workdir=make_temp_dir(dir=self.folder))
+        self.assertEqual(other.send("getbatch", job=str(job_id)).lines,
+                         ["command=sleep"],
+                         "the only task is rendering: wait in the job")
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+        self.assertGreaterEqual(len(slow.requests("active")), 8)
+        task = self.client.call("GET", "/api/jobs/%d/tasks"
+                                % job_id)["tasks"][0]
+        self.assertEqual(task["attempts"], 1)
+
+    def test_max_workers_applies_to_old_clients(self):
+        self.start_server()
+        job_id = self.sphere_job("--frames-per-task", "1", "--max-workers",
+                                 "1", "--", "+W48", "+H32", "+KFI1",
+                                 "+KFF4")
+        first = self.old_client(BashClient, render_delay=4, time_scale=1.0)
+        deadline = time.time() + 30
+        while not first.requests("active") and time.time() < deadline:
+            time.sleep(0.2)
+        second = BashClient("%slegacy/%s" % (self.server.url,
+                                             self.server.worker),
+                            hostname="other", cid=9, povray=[POVRAY],
+                            workdir=make_temp_dir(dir=self.folder))
+        reply = second.send("getjob")
+        self.assertEqual(reply.lines, ["command=sleep"])
+        reply = second.send("getbatch", job=str(job_id))
+        self.assertEqual(reply.lines, ["command=getjob"])
+        job = wait_for_job(self.client, job_id, 90)
+        self.assertEqual(job["state"], "done", job["error"])
+
+    def test_access_needs_token_or_network(self):
+        self.start_server()
+        query = "command=hello&client=a:1&version=1.2"
+        status, kind, text = self.raw("/httpov.php?" + query)
+        self.assertEqual((status, kind), (403, "text/plain; charset=utf-8"))
+        self.assertTrue(text.startswith("error=this server does not accept"))
+        status, _, text = self.raw("/legacy/%s/httpov.php?%s"
+                                   % ("x" * 64, query))
+        self.assertEqual(status, 401)
+        self.assertTrue(text.startswith("error=the server address holds"))
+        status, _, text = self.raw("/legacy/%s/httpov.php?%s"
+                                   % (self.server.worker, query))
+        self.assertEqual((status, text),
+                         (200, "message=httpov %s ready.\n"
+                          % httpov.__version__))
+        status, _, _ = self.raw("/legacy/%s/httpov.php?%s"
+                                % (self.server.admin, query))
+        self.assertEqual(status, 401, "the admin token is not for workers")
+        with open(self.server.log_path) as log:
+            self.assertNotIn(self.server.worker, log.read())
+
+    def test_replies_in_protocol_order(self):
+        self.start_server("--legacy-clients", "127.0.0.1")
+        base = "/httpov.php?client=box:7&"
+        cases = [
+            ("command=hello", ["command=sleep", "message=HTTPov client "
+                               "(no version) is too old for this server; "
+                               "install client 1.2 or 2.2.1, or httpov.py"]),
+            ("command=hello&version=0.9", None),
+            ("command=frobnicate&version=1.2", ["command=unknown"]),
+            ("command=abort&version=1.2", []),
+            ("command=getjob&version=2.2.1", ["command=sleep"]),
+            ("command=getbatch&job=99&version=2.2.1", ["command=getjob"]),
+            ("command=active&job=1&batch=5&version=1.2", ["status=error"]),
+            ("command=getbatch&job=x;rm&version=1.2", ["command=sleep"]),
+        ]
+        for query, expected in cases:
+            with self.subTest(query=query):
+                status, kind, text = self.raw(base + query)
+                self.assertEqual(status, 200)
+                self.assertEqual(kind, "text/plain; charset=utf-8")
+                lines = text.split("\n")
+                self.assertEqual(lines[-1], "")
+                if expected is None:
+                    self.assertEqual(lines[0], "command=sleep")
+                    self.assertIn("0.9 is too old", lines[1])
+                else:
+                    self.assertEqual(lines[:-1], expected)
+        job_id = self.sphere_job("--", "+W48", "+H32")
+        status, _, text = self.raw(base + "command=getjob&version=1.1")
+        self.assertEqual(text.split("\n")[:4],
+                         ["command=getbatch", "job=%d" % job_id,
+                          "name=%d-ball" % job_id, "frames=1"])
+        self.assertTrue(text.split("\n")[4].startswith("message="),
+                        "level 1 clients are told to upgrade")
+        status, _, text = self.raw("/legacy/version?version=2.2")
+        self.assertEqual(text, "clientver=2.2.1\n")
+
+    def test_alpha_slices_are_not_offered(self):
+        self.start_server("--legacy-clients", "127.0.0.1")
+        self.sphere_job("--slices", "2", "--", "+W48", "+H64", "+UA")
+        status, _, text = self.raw("/httpov.php?command=getjob&client=a:1"
+                                   "&version=1.2")
+        self.assertEqual(text, "command=sleep\n",
+                         "PPM slices cannot carry alpha")
+
+    def test_bad_uploads_are_refused_and_requeued(self):
+        self.start_server()
+        job_id = self.sphere_job("--", "+W48", "+H32")
+
+        def drop_frames(filename, data):
+            broken = io.BytesIO()
+            with zipfile.ZipFile(broken, "w") as archive:
+                archive.writestr("readme.txt", "no pictures")
+            return filename, broken.getvalue()
+
+        bad = self.old_client(BashClient, upload_filter=drop_frames,
+                              max_cycles=3)
+        bad.join(60)
+        self.assertEqual([upload.reply for upload in bad.uploads][:1],
+                         ["error"])
+        task = self.client.call("GET", "/api/jobs/%d/tasks"
+                                % job_id)["tasks"][0]
+        self.assertIn("missing from the upload", task["error"])
+        self.assertIn(task["state"], ("queued", "leased"))
+        status, _, text = self.raw("/jobs/%d-other.zip" % job_id)
+        self.assertEqual(status, 403)
 
 
 if __name__ == "__main__":
