@@ -2259,6 +2259,17 @@ class Database:
             " job_id = ? AND frame_first = ? ORDER BY row_first",
             (job_id, frame))
 
+    def preview_frame(self, job_id):
+        """Return the first frame that is being rendered in slices and
+        has a finished slice, or None."""
+        row = self.query_one(
+            "SELECT MIN(frame_first) FROM tasks AS running WHERE"
+            " job_id = ? AND state = 'leased' AND EXISTS (SELECT 1 FROM"
+            " tasks AS done WHERE done.job_id = running.job_id AND"
+            " done.frame_first = running.frame_first AND"
+            " done.state = 'done')", (job_id,))
+        return row[0]
+
     def frame_tasks(self, job_id, frame):
         """Return the ids of a frame's slice tasks, top slice first."""
         return [row["id"] for row in self.query(
@@ -2560,6 +2571,9 @@ class Farm:
             summary["running_tasks"] = [
                 self.task_summary(task)
                 for task in self.db.tasks(job["id"], ("leased",), 100)]
+            summary["preview_frame"] = None
+            if summary["slices_per_frame"] > 1:
+                summary["preview_frame"] = self.db.preview_frame(job["id"])
         return summary
 
     def legacy_archive(self, job_id, name):
@@ -3099,6 +3113,7 @@ ROUTES = [
      "api_preview", "admin"),
     ("GET", r"/jobs/(\d{1,18})", "page_job", "page"),
     ("GET", r"/static/httpov\.js", "static_script", "page"),
+    ("GET", r"/favicon\.ico", "favicon", "page"),
     ("GET", r"/submit", "page_submit", "page"),
     ("POST", r"/submit", "page_submit_upload", "page"),
     ("POST", r"/jobs/(\d{1,18})/control", "page_job_control", "page"),
@@ -3630,6 +3645,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
     def static_script(self):
         self.send_bytes(PAGE_SCRIPT.encode(), "text/javascript; "
                         "charset=utf-8")
+
+    def favicon(self):
+        # Browsers ask for it on every page; no icon, and no 404 noise.
+        self.send_bytes(b"", "image/x-icon", 204)
 
     def page_status(self):
         token = self.query_value("token")
@@ -4258,9 +4277,8 @@ PAGE_SCRIPT = r"""
     });
 
     var preview = document.getElementById("preview");
-    var running = job.running_tasks;
-    if (running.length && job.slices_per_frame > 1) {
-      var frame = running[0].frame_first;
+    var frame = job.preview_frame;
+    if (frame !== null) {
       var image = preview.querySelector("img");
       if (!image) {
         preview.textContent = "";
@@ -4536,10 +4554,9 @@ def render_job_page(job, tasks, csrf):
                         TASK_COLOURS.get(task["state"], "#888")))
     parts.append("</div>")
 
-    running = job["running_tasks"]
+    frame = job["preview_frame"]
     preview = ""
-    if running and job["slices_per_frame"] > 1:
-        frame = running[0]["frame_first"]
+    if frame is not None:
         preview = ("<h2>Frame %d in progress</h2><img class='preview' "
                    "alt='frame %d so far' src='/api/jobs/%d/preview/%d.png'>"
                    % (frame, frame, job["id"], frame))

@@ -3744,6 +3744,542 @@ class JobControlTest(PovrayTestCase):
 
 
 # ---------------------------------------------------------------------------
+# 6. The status pages in a real browser
+# ---------------------------------------------------------------------------
+#
+# A small W3C WebDriver client (https://www.w3.org/TR/webdriver2/) drives
+# Debian's headless Chromium through chromedriver on 127.0.0.1, with the
+# standard library only. The browser log uses chromedriver's own
+# POST /session/{id}/se/log, which is not part of W3C.
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = "/usr/bin/chromium"
+
+# Key of a web element reference in JSON, fixed by the W3C WebDriver spec.
+ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"
+
+# Chromium switches that keep the browser headless, isolated from the
+# user's profile and off the network except for loopback. The resolver
+# rule makes every host except the loopback ones fail with
+# ERR_NAME_NOT_RESOLVED, so even a background feature that the other
+# switches miss cannot reach a remote host by name. In Chromium 156 the
+# rule also matches IP literals, which is why 127.0.0.1 and [::1] need
+# their own EXCLUDE.
+CHROMIUM_ARGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--no-proxy-server",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, "
+    "EXCLUDE 127.0.0.1, EXCLUDE [::1]",
+    "--window-size=1200,900",
+)
+
+_STARTED_LINE = re.compile(rb"started successfully on port (\d+)")
+
+
+class WebDriverError(Exception):
+    """Error returned by chromedriver, or a response that is not W3C JSON.
+
+    ``error`` is the W3C error code, such as "no such element", or
+    "invalid response" when chromedriver sent no usable JSON.
+    """
+
+    def __init__(self, error, message, method="", path=""):
+        self.error = error
+        self.message = message
+        self.method = method
+        self.path = path
+        # chromedriver's messages usually start with the error code.
+        text = message
+        if not message.startswith(error):
+            text = "{}: {}".format(error, message)
+        if method:
+            text = "{} {} failed with {}".format(method, path, text)
+        super().__init__(text)
+
+
+class NoSuchElementError(WebDriverError):
+    """No element matches a CSS selector."""
+
+
+class Element(str):
+    """Web element reference: the element id string that chromedriver uses.
+
+    It is a ``str`` subclass so that it prints and compares like the id,
+    and ``Browser.execute`` can still tell it apart from a plain string.
+    """
+
+    def __repr__(self):
+        return "Element({})".format(str.__repr__(self))
+
+
+def _to_json(value):
+    """Replace each Element in script arguments by a W3C element reference."""
+    if isinstance(value, Element):
+        return {ELEMENT_KEY: str(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_json(item) for key, item in value.items()}
+    return value
+
+
+def _from_json(value):
+    """Replace each W3C element reference in a script result by an Element."""
+    if isinstance(value, dict):
+        if len(value) == 1 and ELEMENT_KEY in value:
+            return Element(value[ELEMENT_KEY])
+        return {key: _from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    return value
+
+
+class Browser:
+    """Headless Chromium session, driven through a private chromedriver.
+
+    All timeouts are in seconds, and ``extra_args`` are appended to
+    CHROMIUM_ARGS. Every HTTP call to chromedriver times out after
+    ``command_timeout``. Its default of 60 s is longer than the default
+    page load and script timeouts of 30 s, so chromedriver normally
+    reports a slow page itself and the socket timeout only catches a hung
+    browser or driver. Keep that order when changing them.
+
+    ``log_path`` is chromedriver's log at level WARNING. Chromium's own
+    stderr does not reach it. It is deleted with the temporary folder on
+    exit.
+    """
+
+    def __init__(self, chromedriver=CHROMEDRIVER, binary=CHROMIUM,
+                 extra_args=(), startup_timeout=30.0, command_timeout=60.0,
+                 page_load_timeout=30.0, script_timeout=30.0):
+        self.chromedriver = chromedriver
+        self.binary = binary
+        self.extra_args = tuple(extra_args)
+        self.startup_timeout = startup_timeout
+        self.command_timeout = command_timeout
+        self.page_load_timeout = page_load_timeout
+        self.script_timeout = script_timeout
+        self.port = None
+        self.session_id = None
+        self.capabilities = None
+        self.temp_dir = None
+        self.log_path = None
+        self._process = None
+
+    # -- Lifecycle --
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.quit()
+
+    def start(self):
+        """Start chromedriver and open a session.
+
+        Raises WebDriverError or TimeoutError, with the tail of the
+        chromedriver log, when either step fails. Everything started so
+        far is stopped again before the error propagates.
+        """
+        self.temp_dir = tempfile.mkdtemp(prefix="webdriver-")
+        try:
+            self._start_driver()
+            self._wait_until_ready()
+            self._create_session()
+        except (WebDriverError, TimeoutError) as error:
+            log_tail = self.read_log()[-3000:]
+            self.quit()
+            error.args = (
+                "{}\nLast lines of the chromedriver log:\n{}".format(
+                    error, log_tail),
+            )
+            raise
+        except BaseException:
+            self.quit()
+            raise
+
+    def quit(self):
+        """Delete the session, stop chromedriver and remove the temp folder.
+
+        Each step runs even if an earlier one fails, so a hung browser
+        still leaves no process or folder behind.
+        """
+        if self.session_id is not None:
+            session_id, self.session_id = self.session_id, None
+            try:
+                self._request("DELETE", "/session/" + session_id,
+                              timeout=10.0)
+            except (OSError, WebDriverError, http.client.HTTPException):
+                pass
+        if self._process is not None:
+            self._stop_driver()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+
+    def read_log(self):
+        """Return the chromedriver log so far, or "" when there is none."""
+        if not self.log_path:
+            return ""
+        try:
+            with open(self.log_path, "rb") as log:
+                return log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def _start_driver(self):
+        # --port=0 makes chromedriver pick a free port and print it, which
+        # avoids the race of reserving a port here and releasing it.
+        self.log_path = os.path.join(self.temp_dir, "chromedriver.log")
+        # Chromium 156 keeps its crash report database under
+        # $XDG_CONFIG_HOME/chromium regardless of --user-data-dir, so
+        # both XDG folders point into the temp folder.
+        environment = dict(os.environ)
+        environment["XDG_CONFIG_HOME"] = os.path.join(self.temp_dir, "config")
+        environment["XDG_CACHE_HOME"] = os.path.join(self.temp_dir, "cache")
+        with open(self.log_path, "wb") as log:
+            # A new session gives chromedriver its own process group, so
+            # _stop_driver can also end the Chromium processes it started.
+            self._process = subprocess.Popen(
+                [self.chromedriver, "--port=0", "--log-level=WARNING"],
+                stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, env=environment,
+                start_new_session=True)
+
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as log:
+                match = _STARTED_LINE.search(log.read())
+            if match:
+                self.port = int(match.group(1))
+                return
+            if self._process.poll() is not None:
+                raise WebDriverError(
+                    "session not created",
+                    "chromedriver exited with status {} before it "
+                    "listened".format(self._process.returncode))
+            time.sleep(0.02)
+        raise TimeoutError(
+            "chromedriver printed no port within {} s".format(
+                self.startup_timeout))
+
+    def _wait_until_ready(self):
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            try:
+                status = self._request("GET", "/status", timeout=5.0)
+                if status.get("ready"):
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    "chromedriver on port {} was not ready within {} s"
+                    .format(self.port, self.startup_timeout))
+            time.sleep(0.05)
+
+    def _create_session(self):
+        profile = os.path.join(self.temp_dir, "profile")
+        os.mkdir(profile)
+        args = list(CHROMIUM_ARGS) + ["--user-data-dir=" + profile]
+        args += self.extra_args
+        capabilities = {
+            "pageLoadStrategy": "normal",
+            "timeouts": {
+                "implicit": 0,
+                "pageLoad": int(self.page_load_timeout * 1000),
+                "script": int(self.script_timeout * 1000),
+            },
+            "goog:chromeOptions": {"binary": self.binary, "args": args},
+            # Keeps console messages for console_logs().
+            "goog:loggingPrefs": {"browser": "ALL"},
+        }
+        value = self._request(
+            "POST", "/session",
+            {"capabilities": {"alwaysMatch": capabilities}},
+            timeout=max(self.startup_timeout, 5.0))
+        self.session_id = value["sessionId"]
+        self.capabilities = value["capabilities"]
+
+    def _stop_driver(self):
+        process, self._process = self._process, None
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        # Chromium processes that outlived chromedriver are still in its
+        # process group, whose id is chromedriver's pid.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # -- HTTP --
+
+    def _request(self, method, path, body=None, timeout=None):
+        """Send one command to chromedriver and return its ``value``.
+
+        Raises WebDriverError for a W3C error, or for a response without
+        JSON. Socket errors and timeouts propagate as OSError, and
+        malformed HTTP as http.client.HTTPException.
+        """
+        if timeout is None:
+            timeout = self.command_timeout
+        connection = http.client.HTTPConnection(
+            "127.0.0.1", self.port, timeout=timeout)
+        try:
+            headers = {}
+            payload = None
+            if body is not None:
+                payload = json.dumps(body).encode("utf-8")
+                headers["Content-Type"] = "application/json; charset=utf-8"
+            connection.request(method, path, payload, headers)
+            response = connection.getresponse()
+            raw = response.read()
+        finally:
+            connection.close()
+
+        try:
+            value = json.loads(raw.decode("utf-8"))["value"]
+        except (ValueError, KeyError, TypeError):
+            raise WebDriverError(
+                "invalid response",
+                "HTTP {} with body {!r}".format(response.status, raw[:300]),
+                method, path)
+        if response.status != 200 or (
+                isinstance(value, dict) and "error" in value):
+            error = value.get("error", "unknown error")
+            message = value.get("message", "")
+            if error == "no such element":
+                raise NoSuchElementError(error, message, method, path)
+            raise WebDriverError(error, message, method, path)
+        return value
+
+    def _command(self, method, path, body=None):
+        if self.session_id is None:
+            raise WebDriverError(
+                "invalid session id", "the browser is not started",
+                method, path)
+        return self._request(
+            method, "/session/{}{}".format(self.session_id, path), body)
+
+    # -- Navigation --
+
+    def get(self, url):
+        """Load ``url`` and wait until the page has loaded.
+
+        Raises WebDriverError when loading fails, for example with
+        net::ERR_CONNECTION_REFUSED.
+
+        NOTE: chromedriver 156 raises nothing for a port that Chromium
+        blocks as unsafe, such as 9 or 6000. The page then shows
+        ERR_UNSAFE_PORT.
+        """
+        self._command("POST", "/url", {"url": url})
+
+    def current_url(self):
+        return self._command("GET", "/url")
+
+    # -- Elements --
+
+    def find(self, css, parent=None):
+        """Return the first element that matches ``css``.
+
+        Searches the page, or only inside ``parent`` when it is given.
+        Raises NoSuchElementError, naming the selector, if none matches.
+        """
+        path = "/element"
+        if parent is not None:
+            path = "/element/{}/element".format(parent)
+        try:
+            found = self._command(
+                "POST", path, {"using": "css selector", "value": css})
+        except NoSuchElementError as error:
+            raise NoSuchElementError(
+                "no such element",
+                "no element matches CSS selector {!r} on {}".format(
+                    css, self._current_url_or_unknown()),
+                error.method, error.path) from None
+        return Element(found[ELEMENT_KEY])
+
+    def find_all(self, css, parent=None):
+        """Return every element that matches ``css``, possibly none."""
+        path = "/elements"
+        if parent is not None:
+            path = "/element/{}/elements".format(parent)
+        found = self._command(
+            "POST", path, {"using": "css selector", "value": css})
+        return [Element(item[ELEMENT_KEY]) for item in found]
+
+    def _current_url_or_unknown(self):
+        try:
+            return self.current_url()
+        except (OSError, WebDriverError, http.client.HTTPException):
+            return "an unknown page"
+
+    def text(self, element):
+        """Return the element's rendered text, as innerText shows it."""
+        return self._command("GET", "/element/{}/text".format(element))
+
+    def attribute(self, element, name):
+        """Return an HTML attribute as a string, or None when it is absent."""
+        return self._command(
+            "GET", "/element/{}/attribute/{}".format(element, name))
+
+    def click(self, element):
+        """Scroll the element into view and click its center."""
+        self._command("POST", "/element/{}/click".format(element), {})
+
+    # -- Scripts, cookies, screenshots and logs --
+
+    def execute(self, script, *args):
+        """Run ``script`` as a function body and return its return value.
+
+        Elements among ``args`` reach the script as DOM nodes, and DOM
+        nodes in the result come back as Element. A script that throws
+        raises WebDriverError with the error "javascript error".
+        """
+        value = self._command(
+            "POST", "/execute/sync",
+            {"script": script, "args": _to_json(list(args))})
+        return _from_json(value)
+
+    def wait_for(self, condition, timeout=10.0, message="condition",
+                 interval=0.1):
+        """Call ``condition`` until it returns a true value, and return it.
+
+        A NoSuchElementError from ``condition`` counts as false, so a
+        condition may look up elements that do not exist yet. Raises
+        TimeoutError naming ``message`` after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while True:
+            try:
+                result = condition()
+                if result:
+                    return result
+            except NoSuchElementError as error:
+                last_error = error
+            if time.monotonic() > deadline:
+                text = "timed out after {} s waiting for {}".format(
+                    timeout, message)
+                if last_error is not None:
+                    text += " (last error: {})".format(last_error)
+                raise TimeoutError(text)
+            time.sleep(interval)
+
+    def cookies(self):
+        """Return the cookies visible to the current page as W3C dicts.
+
+        Each dict has name, value, path, domain, secure, httpOnly,
+        sameSite and, for persistent cookies, expiry.
+        """
+        return self._command("GET", "/cookie")
+
+    def console_logs(self):
+        """Return and clear the browser log entries collected so far.
+
+        Each entry is a dict with level ("SEVERE", "WARNING", "INFO" or
+        "DEBUG"), message, source and timestamp in ms. The log includes
+        console output, uncaught exceptions, failed requests and Content
+        Security Policy violations.
+        """
+        return self._command("POST", "/se/log", {"type": "browser"})
+
+    def console_errors(self):
+        """Return and clear the log entries of level SEVERE.
+
+        Reading the log clears all of it, so the other entries are lost.
+        """
+        return [entry for entry in self.console_logs()
+                if entry.get("level") == "SEVERE"]
+
+
+@needs_povray
+@needs_tool("chromedriver")
+class ViewerBrowserTest(unittest.TestCase):
+    """Headless Chromium opens the status pages of a farm that renders."""
+
+    def setUp(self):
+        self.folder = make_temp_dir(prefix="httpov-browser-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.server = ServerProcess(os.path.join(self.folder, "data"))
+        self.addCleanup(self.server.stop)
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        self.browser = Browser()
+        self.browser.start()
+        self.addCleanup(self.browser.quit)
+
+    def text(self, css):
+        return self.browser.text(self.browser.find(css))
+
+    def test_watch_and_pause_a_render(self):
+        browser = self.browser
+        name = "<script>alert(1)</script> \"q\" caf\u00e9 \u6f22"
+        query = urllib.parse.urlencode(
+            [("name", name), ("slices", "4"), ("frames", "1-6"),
+             ("frames_per_task", "1")])
+        archive = os.path.join(self.folder, "job.zip")
+        packed, _ = httpov.pack_job(os.path.join(EXAMPLES,
+                                                 "sliced-animation"))
+        shutil.move(packed, archive)
+        job = self.client.upload("/api/jobs?" + query, archive)
+        worker = start_worker(self.server, self.folder, "w1")
+        self.addCleanup(worker.wait, 30)
+        self.addCleanup(worker.terminate)
+
+        browser.get(self.server.url + "?token=" + self.server.admin)
+        self.assertEqual(browser.current_url(), self.server.url,
+                         "the token is dropped from the address bar")
+        cookie, = browser.cookies()
+        self.assertEqual((cookie["name"], cookie["httpOnly"],
+                          cookie["sameSite"]),
+                         ("httpov_session", True, "Strict"))
+        browser.wait_for(lambda: self.text("#jobs").count(name) == 1,
+                         message="the job's name in the jobs table")
+        browser.wait_for(lambda: browser.attribute(
+            browser.find("#live"), "data-polls") not in (None, "0"),
+            message="the dashboard to poll the API")
+        self.assertEqual(browser.execute(
+            "return document.scripts.length"), 1, "names stay text")
+        browser.wait_for(lambda: "busy" in self.text("#workers"),
+                         30, "the worker shown busy")
+
+        browser.get(self.server.url + "jobs/%d" % job["id"])
+        self.assertIn(name, self.text("h1"))
+        browser.execute("window.stayed = true")
+        first = self.text("#summary")
+        browser.wait_for(lambda: self.text("#summary") != first, 60,
+                         "the job's progress to move")
+        self.assertTrue(browser.execute("return window.stayed === true"),
+                        "progress moved without a reload")
+        browser.wait_for(lambda: browser.execute(
+            "var i = document.querySelector('#preview img');"
+            "return i !== null && i.complete && i.naturalWidth === 480"),
+            60, "the preview of the frame in progress to load")
+        browser.click(browser.find("button[value='pause']"))
+        browser.wait_for(lambda: "paused" in self.text("#summary"), 15,
+                         "the page to show the job paused")
+        self.assertEqual(self.client.call("GET", "/api/jobs/%d"
+                                          % job["id"])["state"], "paused")
+        self.assertEqual(browser.console_errors(), [])
+
+
+# ---------------------------------------------------------------------------
 # 7. Old clients: emulators of the HTTPov 0.9 clients, and their tests
 # ---------------------------------------------------------------------------
 #
@@ -5061,6 +5597,548 @@ class LegacyProtocolTest(unittest.TestCase):
         self.assertIn(task["state"], ("queued", "leased"))
         status, _, text = self.raw("/jobs/%d-other.zip" % job_id)
         self.assertEqual(status, 403)
+
+
+# ---------------------------------------------------------------------------
+# Examples: workers on many machines (examples/cluster/)
+# ---------------------------------------------------------------------------
+
+CLUSTER = os.path.join(HERE, "examples", "cluster")
+UNIT = "httpov-worker.service"
+SLURM = "slurm-workers.sh"
+CONDOR_SUBMIT = "htcondor-workers.sub"
+CONDOR_WRAPPER = "htcondor-worker.sh"
+KUBERNETES = "kubernetes-workers.yaml"
+PLACEHOLDER_URL = "http://farm.example:8080/"
+# Placeholder hosts: the reserved .example and .invalid names, and
+# loopback.
+ALLOWED_HOST = re.compile(r"^(.+\.example|.+\.invalid|127\.0\.0\.1|::1|"
+                          r"localhost)$")
+# Unit settings that cover parts of /proc or forbid user namespaces, which
+# would stop bubblewrap from confining POV-Ray.
+BWRAP_BREAKING_SETTINGS = ("RestrictNamespaces", "ProtectKernelTunables",
+                           "ProtectKernelLogs", "ProtectProc", "ProcSubset")
+TINY_SCENE = b"""
+camera { location <0, 1, -3> look_at <0, 0.5, 0> }
+light_source { <3, 5, -4> color rgb 1 }
+sphere { <0, 0.5, 0>, 0.5 pigment { color rgb <1, 0.5, 0.2> } }
+"""
+# A fake python3 that records its arguments and HTTPOV_TOKEN, so that the
+# shell scripts can run without a server.
+RECORDING_PYTHON = """#!/bin/sh
+printf '%s\\0' "$@" > "$RECORD_ARGS"
+printf '%s' "$HTTPOV_TOKEN" > "$RECORD_TOKEN"
+"""
+STOP_SECONDS = 60
+
+
+def read_example(name):
+    with open(os.path.join(CLUSTER, name)) as source:
+        return source.read()
+
+
+def unit_settings(text):
+    """Return [(section, key, value)] of a systemd unit, in file order."""
+    text = re.sub(r"\\\n", " ", text)
+    settings = []
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        settings.append((section, key.strip(), value.strip()))
+    return settings
+
+
+def unit_value(settings, key):
+    values = [value for _, name, value in settings if name == key]
+    return values[-1] if values else None
+
+
+def submit_commands(text):
+    """Return ({name: value}, queue argument) of an HTCondor submit file.
+
+    Macros $(NAME) expand to the file's own commands. Cluster and
+    Process become 1 and 0, and $ENV(NAME) reads the test's environment.
+    """
+    text = re.sub(r"\\\n", " ", text)
+    commands = {}
+    queue = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.lower().split()[0] == "queue":
+            queue = line[len("queue"):].strip()
+            continue
+        name, _, value = line.partition("=")
+        commands[name.strip().lower()] = value.strip()
+    fixed = {"cluster": "1", "process": "0"}
+
+    def expand(match):
+        if match.group(1):
+            return os.environ.get(match.group(2), "")
+        name = match.group(2).lower()
+        return fixed.get(name, commands.get(name, match.group(0)))
+
+    pattern = re.compile(r"\$(ENV)?\(([A-Za-z_]+)\)")
+    for name, value in list(commands.items()):
+        commands[name] = pattern.sub(expand, value)
+    return commands, queue
+
+
+def condor_arguments(value):
+    """Split an HTCondor 'arguments' value in the new, quoted syntax."""
+    if not (value.startswith('"') and value.endswith('"')):
+        raise ValueError("arguments %r is not in the quoted syntax" % value)
+    return shlex.split(value[1:-1].replace('""', '\\"'))
+
+
+def kubernetes_documents():
+    try:
+        import yaml
+    except ImportError:
+        raise AssertionError("PyYAML is required for the Kubernetes "
+                             "example test: pip install pyyaml")
+    with open(os.path.join(CLUSTER, KUBERNETES)) as source:
+        return [document for document in yaml.safe_load_all(source)
+                if document is not None]
+
+
+def kubernetes_worker(documents):
+    """Return the Deployment and its first container."""
+    deployments = [document for document in documents
+                   if document.get("kind") == "Deployment"]
+    deployment = deployments[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return deployment, container
+
+
+def kubernetes_command(container, values):
+    """Return the container's command line with $(VAR) expanded.
+
+    ``values`` gives the variables that come from a Secret or a field.
+    """
+    environment = dict(values)
+    for variable in container.get("env", []):
+        if "value" in variable and variable["name"] not in values:
+            environment[variable["name"]] = variable["value"]
+
+    def expand(match):
+        return environment.get(match.group(1), match.group(0))
+
+    words = list(container.get("command", [])) + list(
+        container.get("args", []))
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, word)
+            for word in words]
+
+
+def unit_command(url):
+    settings = unit_settings(read_example(UNIT))
+    command = unit_value(settings, "ExecStart").replace("${HTTPOV_URL}", url)
+    return shlex.split(command)
+
+
+def map_mounted_path(word, mounts):
+    """Replace a container path in ``word`` (or in its --option=value)
+    with the local folder of the longest matching mount."""
+    option, equals, value = word.rpartition("=")
+    if not equals:
+        option, value = "", word
+    for path in sorted(mounts, key=len, reverse=True):
+        if value == path or value.startswith(path + "/"):
+            return option + equals + mounts[path] + value[len(path):]
+    return word
+
+
+def parse_work_arguments(test, arguments):
+    """Parse 'work' arguments with httpov's parser, failing the test on
+    an argument the parser rejects."""
+    try:
+        return httpov.build_parser().parse_args(arguments)
+    except SystemExit:
+        test.fail("httpov's parser rejected %r" % (arguments,))
+
+
+class ClusterExamplesTest(unittest.TestCase):
+    """Checks of the files in examples/cluster/ and the workers they
+    start."""
+
+    def setUp(self):
+        self.folder = make_temp_dir(prefix="httpov-cluster-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+
+    # -- static checks ------------------------------------------------------
+
+    def test_shell_scripts_syntax(self):
+        for name in (SLURM, CONDOR_WRAPPER):
+            with self.subTest(script=name):
+                result = subprocess.run(
+                    ["bash", "-n", os.path.join(CLUSTER, name)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    universal_newlines=True)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertTrue(os.access(os.path.join(CLUSTER, name),
+                                          os.X_OK), "%s is not executable"
+                                % name)
+
+    def test_urls_are_placeholders(self):
+        for name in sorted(os.listdir(CLUSTER)):
+            text = read_example(name)
+            for url in re.findall(r"https?://[^\s\"'`)]+", text):
+                with self.subTest(file=name, url=url):
+                    host = urllib.parse.urlsplit(url).hostname
+                    self.assertRegex(host, ALLOWED_HOST)
+
+    @needs_tool("systemd-analyze")
+    def test_systemd_unit_verifies(self):
+        self.assertTrue(shutil.which("systemd-analyze"),
+                        "systemd-analyze is required (HTTPOV_CI=1)")
+        # verify checks that the ExecStart program exists, so point the
+        # copy at this Python when /usr/bin/python3 is missing.
+        text = read_example(UNIT)
+        if not os.path.exists("/usr/bin/python3"):
+            text = text.replace("/usr/bin/python3", sys.executable)
+        path = os.path.join(self.folder, UNIT)
+        with open(path, "w") as out:
+            out.write(text)
+        result = subprocess.run(
+            ["systemd-analyze", "verify", path], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, universal_newlines=True)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        # verify (systemd 252) exits with 0 after unknown keys and invalid
+        # values, and names the unit file in its warnings.
+        warnings = [line for line in result.stdout.splitlines()
+                    if UNIT in line]
+        self.assertEqual(warnings, [])
+
+    def test_systemd_unit_settings(self):
+        settings = unit_settings(read_example(UNIT))
+        self.assertNotIn(unit_value(settings, "User"), (None, "root", "0"))
+        self.assertEqual(unit_value(settings, "Restart"), "on-failure")
+        self.assertEqual(unit_value(settings, "NoNewPrivileges"), "yes")
+        self.assertEqual(unit_value(settings, "ProtectSystem"), "strict")
+        self.assertEqual(unit_value(settings, "PrivateTmp"), "yes")
+        self.assertEqual(unit_value(settings, "EnvironmentFile"),
+                         "/etc/httpov/worker.env")
+        for key in BWRAP_BREAKING_SETTINGS:
+            self.assertIsNone(unit_value(settings, key),
+                              "%s stops bubblewrap" % key)
+        state = unit_value(settings, "StateDirectory")
+        self.assertTrue(state, "StateDirectory= is missing")
+        args = parse_work_arguments(self, unit_command(PLACEHOLDER_URL)[2:])
+        # ProtectSystem=strict leaves only the state directory writable.
+        self.assertEqual(args.workdir, "/var/lib/" + state)
+
+    def test_kubernetes_deployment(self):
+        documents = kubernetes_documents()
+        self.assertEqual([document["kind"] for document in documents],
+                         ["Deployment"])
+        deployment, container = kubernetes_worker(documents)
+        self.assertEqual(deployment["apiVersion"], "apps/v1")
+        spec = deployment["spec"]
+        self.assertIsInstance(spec["replicas"], int)
+        self.assertGreaterEqual(spec["replicas"], 1)
+        labels = spec["template"]["metadata"]["labels"]
+        for key, value in spec["selector"]["matchLabels"].items():
+            self.assertEqual(labels.get(key), value)
+        pod = spec["template"]["spec"]
+        self.assertIs(pod["securityContext"]["runAsNonRoot"], True)
+        self.assertNotEqual(pod["securityContext"].get("runAsUser"), 0)
+        self.assertIs(container["securityContext"]
+                      ["allowPrivilegeEscalation"], False)
+
+        command = container["command"]
+        self.assertEqual(command[0], "python3")
+        self.assertEqual(os.path.basename(command[1]), "httpov.py")
+        self.assertEqual(command[2], "work")
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        mounts = {mount["mountPath"]: volumes[mount["name"]]
+                  for mount in container["volumeMounts"]}
+        self.assertIn("configMap", mounts[os.path.dirname(command[1])],
+                      "httpov.py is not mounted from a ConfigMap")
+
+        tokens = [variable for variable in container["env"]
+                  if variable["name"] == "HTTPOV_TOKEN"]
+        self.assertEqual(len(tokens), 1)
+        self.assertIn("secretKeyRef", tokens[0]["valueFrom"])
+
+        resources = container["resources"]
+        for kind in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                self.assertIn(resource, resources[kind],
+                              "%s.%s is missing" % (kind, resource))
+        args = parse_work_arguments(
+            self, kubernetes_command(container, {"HTTPOV_TOKEN": "t",
+                                                 "POD_NAME": "pod"})[2:])
+        # Python counts the node's cores, not the pod's CPU limit.
+        self.assertEqual(str(args.threads), str(resources["limits"]["cpu"]))
+        # The root file system is read-only, so the work folder must be a
+        # volume.
+        self.assertIn(args.workdir, mounts)
+        self.assertIn("emptyDir", mounts[args.workdir])
+
+    def test_htcondor_submit_description(self):
+        commands, queue = submit_commands(read_example(CONDOR_SUBMIT))
+        self.assertIsNotNone(queue, "the submit file has no queue command")
+        self.assertRegex(queue, r"^\d+$")
+        self.assertGreaterEqual(int(queue), 1)
+        self.assertEqual(commands["universe"], "vanilla")
+        executable = os.path.join(CLUSTER, commands["executable"])
+        self.assertTrue(os.access(executable, os.X_OK),
+                        "%s is not executable" % executable)
+        inputs = [name.strip() for name in
+                  commands["transfer_input_files"].split(",")]
+        scripts = [name for name in inputs
+                   if os.path.basename(name) == "httpov.py"]
+        self.assertEqual(len(scripts), 1, "httpov.py is not transferred")
+        self.assertTrue(os.path.samefile(
+            os.path.join(CLUSTER, scripts[0]),
+            os.path.join(HERE, "httpov.py")))
+        self.assertIn("worker-token",
+                      [os.path.basename(name) for name in inputs])
+        self.assertEqual(commands["transfer_output_files"], '""')
+        args = parse_work_arguments(
+            self, ["work"] + condor_arguments(commands["arguments"]))
+        self.assertEqual(str(args.threads), commands["request_cpus"])
+
+    def test_worker_arguments_parse(self):
+        """Each file's worker command line passes httpov's parser, names
+        the placeholder server and keeps the token off the command line."""
+        _, container = kubernetes_worker(kubernetes_documents())
+        commands, _ = submit_commands(read_example(CONDOR_SUBMIT))
+        slurm, _ = self.record_slurm_script()
+        condor, _ = self.record_condor_wrapper(
+            condor_arguments(commands["arguments"]))
+        command_lines = {
+            UNIT: unit_command(PLACEHOLDER_URL)[2:],
+            SLURM: slurm[1:],
+            CONDOR_SUBMIT: condor[1:],
+            KUBERNETES: kubernetes_command(
+                container, {"HTTPOV_TOKEN": "t", "POD_NAME": "pod"})[2:],
+        }
+        for name, arguments in command_lines.items():
+            with self.subTest(file=name):
+                args = parse_work_arguments(self, arguments)
+                self.assertEqual(args.command, "work")
+                self.assertEqual(args.url, PLACEHOLDER_URL)
+                self.assertIsNone(args.token)
+                self.assertIsNotNone(args.workdir)
+
+    def test_shell_scripts_read_token_file(self):
+        _, slurm_token = self.record_slurm_script()
+        self.assertEqual(slurm_token, "token-from-file")
+        _, condor_token = self.record_condor_wrapper([PLACEHOLDER_URL])
+        self.assertEqual(condor_token, "token-from-file")
+
+    # -- workers against a real server --------------------------------------
+
+    @needs_povray
+    def test_systemd_worker_renders(self):
+        server = self.start_server()
+        workdir = os.path.join(self.folder, "state")
+        command = [
+            word.replace("/opt/httpov/httpov.py",
+                         os.path.join(HERE, "httpov.py"))
+            .replace("/var/lib/httpov-worker", workdir)
+            for word in unit_command(server.url)]
+        command[0] = sys.executable
+        tasks = parse_work_arguments(self, command[2:]).tasks
+        # 'work --tasks N' names its workers HOST-1 to HOST-N.
+        names = {"%s-%d" % (socket.gethostname(), slot)
+                 for slot in range(1, tasks + 1)} if tasks > 1 else {
+                     socket.gethostname()}
+        worker = self.start_process(command, {"HTTPOV_TOKEN": server.worker})
+        self.check_renders_and_stops(server, worker, names)
+
+    @needs_povray
+    def test_slurm_worker_renders(self):
+        server = self.start_server()
+        worker = self.start_process(
+            ["bash", os.path.join(CLUSTER, SLURM)],
+            self.slurm_environment(server.url, server.worker))
+        self.check_renders_and_stops(server, worker, {"slurm-77-3"})
+        self.assertFalse(
+            os.path.exists(os.path.join(self.folder, "httpov-worker-80")),
+            "the script left its work folder behind")
+
+    @needs_povray
+    def test_htcondor_worker_renders(self):
+        server = self.start_server()
+        scratch = self.condor_scratch()
+        commands, _ = submit_commands(read_example(CONDOR_SUBMIT))
+        arguments = [word.replace(PLACEHOLDER_URL, server.url) for word in
+                     condor_arguments(commands["arguments"])]
+        with open(os.path.join(scratch, "worker-token"), "w") as out:
+            out.write(server.worker + "\n")
+        worker = self.start_process(
+            ["sh", os.path.join(scratch, commands["executable"])] +
+            arguments, {}, cwd=scratch)
+        self.check_renders_and_stops(server, worker, {"condor-1-0"})
+
+    @needs_povray
+    def test_kubernetes_worker_renders(self):
+        server = self.start_server()
+        _, container = kubernetes_worker(kubernetes_documents())
+        command = kubernetes_command(container, {
+            "HTTPOV_URL": server.url, "POD_NAME": "httpov-worker-pod"})
+        mounts = {}
+        for mount in container["volumeMounts"]:
+            local = os.path.join(self.folder, mount["name"])
+            os.makedirs(local)
+            os.chmod(local, 0o755)
+            mounts[mount["mountPath"]] = local
+        shutil.copy(os.path.join(HERE, "httpov.py"),
+                    mounts[os.path.dirname(command[1])])
+        command = [map_mounted_path(word, mounts) for word in command]
+        command[0] = sys.executable
+        worker = self.start_process(command, {"HTTPOV_TOKEN": server.worker})
+        self.check_renders_and_stops(server, worker, {"httpov-worker-pod"})
+
+    # -- helpers ------------------------------------------------------------
+
+    def start_server(self):
+        self.assertTrue(POVRAY, "POV-Ray is required (HTTPOV_CI=1)")
+        server = ServerProcess(os.path.join(self.folder, "data"))
+        self.addCleanup(server.stop)
+        return server
+
+    def start_process(self, command, environment, cwd=None):
+        env = dict(os.environ)
+        env.pop("HTTPOV_TOKEN", None)
+        env.update(environment)
+        log_path = os.path.join(self.folder, "worker.log")
+        with open(log_path, "a") as log_file:
+            # A session of its own lets the cleanup kill a worker that a
+            # broken script left behind.
+            process = subprocess.Popen(command, stdout=log_file,
+                                       stderr=log_file, env=env, cwd=cwd,
+                                       start_new_session=True)
+        self.addCleanup(self.kill_process_group, process)
+        return process
+
+    def kill_process_group(self, process):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+    def worker_log(self):
+        with open(os.path.join(self.folder, "worker.log"),
+                  errors="replace") as source:
+            return source.read()[-3000:]
+
+    def check_renders_and_stops(self, server, worker, names):
+        """Render a small job with ``worker``, then stop it with SIGTERM.
+
+        Every worker that rendered a task must have one of ``names``.
+        """
+        scene = os.path.join(self.folder, "tiny.pov")
+        with open(scene, "wb") as out:
+            out.write(TINY_SCENE)
+        client = server.client()
+        self.addCleanup(client.close)
+        job = httpov.submit_job(client, scene, {}, ["+W32", "+H24"])
+        job = wait_for_job(client, job["id"], timeout=120)
+        self.assertEqual(job["state"], "done", self.worker_log())
+        workers = client.call("GET", "/api/workers")["workers"]
+        rendered = {entry["name"] for entry in workers
+                    if entry["tasks_done"] > 0}
+        self.assertTrue(rendered, "no worker rendered a task")
+        self.assertLessEqual(rendered, set(names))
+        worker.send_signal(signal.SIGTERM)
+        try:
+            status = worker.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.fail("worker did not stop within %d s of SIGTERM:\n%s"
+                      % (STOP_SECONDS, self.worker_log()))
+        self.assertEqual(status, 0, self.worker_log())
+
+    def recording_environment(self):
+        """Return an environment whose python3 records its arguments."""
+        bin_dir = os.path.join(self.folder, "bin")
+        os.makedirs(bin_dir, exist_ok=True)
+        python = os.path.join(bin_dir, "python3")
+        with open(python, "w") as out:
+            out.write(RECORDING_PYTHON)
+        os.chmod(python, 0o755)
+        env = dict(os.environ)
+        env.pop("HTTPOV_TOKEN", None)
+        env.update({
+            "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
+            "RECORD_ARGS": os.path.join(self.folder, "args"),
+            "RECORD_TOKEN": os.path.join(self.folder, "token")})
+        return env
+
+    def read_recording(self):
+        with open(os.path.join(self.folder, "args")) as source:
+            arguments = source.read().split("\0")[:-1]
+        with open(os.path.join(self.folder, "token")) as source:
+            return arguments, source.read()
+
+    def slurm_environment(self, url, token):
+        env = dict(os.environ)
+        env.pop("HTTPOV_TOKEN", None)
+        env.update({
+            "HTTPOV_PY": os.path.join(HERE, "httpov.py"),
+            "TMPDIR": self.folder, "SLURM_JOB_ID": "80",
+            "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3",
+            "SLURM_CPUS_PER_TASK": "1"})
+        if url is not None:
+            env["HTTPOV_URL"] = url
+        if token is not None:
+            env["HTTPOV_TOKEN"] = token
+        return env
+
+    def record_slurm_script(self):
+        """Run the Slurm script with a recording python3 and return the
+        arguments and HTTPOV_TOKEN it passed."""
+        token_file = os.path.join(self.folder, "worker-token")
+        with open(token_file, "w") as out:
+            out.write("token-from-file\n")
+        env = self.slurm_environment(None, None)
+        env.pop("HTTPOV_URL", None)
+        env.update(self.recording_environment())
+        env["HTTPOV_TOKEN_FILE"] = token_file
+        result = subprocess.run(
+            ["bash", os.path.join(CLUSTER, SLURM)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        arguments, token = self.read_recording()
+        self.assertEqual(arguments[0], os.path.join(HERE, "httpov.py"))
+        return arguments, token
+
+    def condor_scratch(self):
+        """Make a scratch folder as HTCondor would for one job."""
+        scratch = os.path.join(self.folder, "scratch")
+        os.makedirs(scratch, exist_ok=True)
+        os.chmod(scratch, 0o755)
+        commands, _ = submit_commands(read_example(CONDOR_SUBMIT))
+        shutil.copy(os.path.join(CLUSTER, commands["executable"]), scratch)
+        shutil.copy(os.path.join(HERE, "httpov.py"), scratch)
+        return scratch
+
+    def record_condor_wrapper(self, arguments):
+        """Run the HTCondor wrapper with a recording python3 and return
+        the arguments and HTTPOV_TOKEN it passed."""
+        scratch = self.condor_scratch()
+        with open(os.path.join(scratch, "worker-token"), "w") as out:
+            out.write("token-from-file\n")
+        result = subprocess.run(
+            ["sh", os.path.join(scratch, CONDOR_WRAPPER)] + arguments,
+            env=self.recording_environment(), cwd=scratch,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        recorded, token = self.read_recording()
+        self.assertEqual(recorded[0], "httpov.py")
+        return recorded, token
 
 
 if __name__ == "__main__":
