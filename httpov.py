@@ -4656,6 +4656,7 @@ LEGACY_PING_SECONDS = 60          # the clients' "active" interval
 DEFAULT_LEGACY_LEASE_SECONDS = 150  # two missed pings and some slack
 LEGACY_NAME_CHARS = 40            # of the job name in the archive name
 LEGACY_INI = "pov.ini"            # the settings file the clients run
+ZIP64_LIMIT_BYTES = (1 << 31) - 1  # larger zip members need Zip64
 LEGACY_JOB_INI = "httpov-job.ini"  # a job's own pov.ini, renamed
 LEGACY_FRAME = re.compile(r"^(?:.*/)?(?P<name>[^/]+)_(?P<frame>\d{1,9})"
                           r"\.png$")
@@ -4711,6 +4712,9 @@ def legacy_pov_ini(job):
     that POV-Ray still numbers its output. The job's own INI and options
     come first and the farm's settings last, as on httpov's workers.
     """
+    # NOTE: frame_number, initial_frame and final_frame still differ
+    # from the job's, so a scene that reads them instead of clock renders
+    # other pictures on old clients.
     settings = json.loads(job["settings"])
     count = job["frame_count"]
     if settings["animated"]:
@@ -4763,7 +4767,8 @@ def write_legacy_archive(source_path, job, target):
             copy.compress_type = zipfile.ZIP_DEFLATED
             copy.external_attr = 0o644 << 16
             with source.open(member) as data, \
-                    archive.open(copy, "w") as written:
+                    archive.open(copy, "w", force_zip64=member.file_size >=
+                                 ZIP64_LIMIT_BYTES) as written:
                 shutil.copyfileobj(data, written, COPY_CHUNK_BYTES)
 
 
@@ -5489,6 +5494,7 @@ class Worker:
 
     def __init__(self, url, token, name=None, group="", povray="povray",
                  threads=None, workdir=None, once=False, console=True,
+                 exit_when_idle=0,
                  max_task_seconds=DEFAULT_MAX_TASK_SECONDS,
                  stall_seconds=DEFAULT_STALL_SECONDS,
                  cacert=None, insecure=False, user=None, sandbox="auto",
@@ -5501,6 +5507,7 @@ class Worker:
         self.threads = threads or os.cpu_count() or 1
         self.workdir = os.path.abspath(workdir or default_workdir())
         self.once = once
+        self.exit_when_idle = exit_when_idle    # seconds; 0: never
         self.max_task_seconds = max_task_seconds
         self.stall_seconds = stall_seconds
         self.console = console and sys.stderr.isatty()
@@ -5605,6 +5612,7 @@ class Worker:
             self.register()
             self.deliver_outbox()
             idle = IDLE_POLL_SECONDS
+            idle_since = time.monotonic()
             while not self.stop_after_task.is_set():
                 try:
                     answer = self.call("POST", "/api/claim",
@@ -5622,6 +5630,11 @@ class Worker:
                     if self.once:
                         worker_log.info("no task available; exiting")
                         return 0
+                    if self.exit_when_idle and time.monotonic() - \
+                            idle_since >= self.exit_when_idle:
+                        worker_log.info("no task for %.0f s; exiting",
+                                        self.exit_when_idle)
+                        return 0
                     wait = min(idle, MAX_IDLE_POLL_SECONDS)
                     idle = min(idle * 1.5, MAX_IDLE_POLL_SECONDS)
                     self.stop_after_task.wait(
@@ -5631,6 +5644,7 @@ class Worker:
                              IDLE_POLL_SECONDS)
                 self.handle_task(task)
                 self.deliver_outbox()
+                idle_since = time.monotonic()
                 if self.once:
                     return 0
         except TaskAbandoned:
@@ -6458,7 +6472,8 @@ def command_work(args):
             name=name if args.tasks == 1 else "%s-%d" % (name, slot + 1),
             group=args.group, povray=args.povray,
             threads=max(1, threads // args.tasks), workdir=args.workdir,
-            once=args.once, max_task_seconds=args.max_task_time,
+            once=args.once, exit_when_idle=args.exit_when_idle,
+            max_task_seconds=args.max_task_time,
             stall_seconds=args.stall_timeout, cacert=args.cacert,
             insecure=args.insecure, user=args.user, sandbox=args.sandbox,
             memory_mib=args.memory_limit, console=args.tasks == 1))
@@ -6913,6 +6928,11 @@ def build_parser():
                       "(default 1)")
     work.add_argument("--once", action="store_true",
                       help="render at most one task, then exit")
+    work.add_argument("--exit-when-idle", type=seconds(0), default=0,
+                      dest="exit_when_idle", metavar="SECONDS",
+                      help="exit when the farm has had no task for this "
+                      "worker this long, as batch jobs should (default "
+                      "0: keep waiting)")
     work.add_argument("--max-task-time", type=seconds(0),
                       default=DEFAULT_MAX_TASK_SECONDS,
                       dest="max_task_time", metavar="SECONDS",

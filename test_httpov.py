@@ -5,6 +5,7 @@ or Pillow skip without them, unless HTTPOV_CI=1 is set (as .ci/run
 does), which turns a missing tool into a failure.
 """
 
+import ast
 import http.client
 import io
 import ipaddress
@@ -96,6 +97,52 @@ sphere { <0, 0.8, 0>, 0.8
   pigment { color rgb <clock, 0.4, 1 - clock> }
   finish { specular 0.6 reflection 0.2 } }
 """
+
+
+# ---------------------------------------------------------------------------
+# 1. The module itself: what it imports
+# ---------------------------------------------------------------------------
+
+# Modules removed from Python 3.12 and 3.13 (PEP 594 and PEP 632), and
+# others that old or minimal Pythons may lack at module level.
+REMOVED_MODULES = {
+    "aifc", "asynchat", "asyncore", "audioop", "cgi", "cgitb", "chunk",
+    "crypt", "distutils", "imghdr", "imp", "mailcap", "msilib", "nis",
+    "nntplib", "ossaudiodev", "pipes", "smtpd", "sndhdr", "spwd", "sunau",
+    "telnetlib", "uu", "xdrlib", "lib2to3",
+}
+# Imported inside the functions that need them, where they exist.
+LATE_MODULES = {"sqlite3", "pwd", "resource"}
+
+
+class ModuleTest(unittest.TestCase):
+
+    def imports(self):
+        with open(os.path.join(HERE, "httpov.py")) as source:
+            tree = ast.parse(source.read())
+        top, nested = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = ([alias.name for alias in node.names]
+                         if isinstance(node, ast.Import) else [node.module])
+                target = top if node.col_offset == 0 else nested
+                target.update(name.split(".")[0] for name in names)
+        return top, nested
+
+    def test_no_removed_module_is_imported(self):
+        top, nested = self.imports()
+        self.assertEqual((top | nested) & REMOVED_MODULES, set())
+
+    def test_only_standard_modules_at_top(self):
+        top, _ = self.imports()
+        self.assertEqual(top & LATE_MODULES, set(),
+                         "sqlite3, pwd and resource are imported late")
+        for name in top:
+            with self.subTest(module=name):
+                __import__(name)
+                self.assertNotIn("site-packages",
+                                 getattr(sys.modules[name], "__file__",
+                                         "") or "")
 
 
 # ---------------------------------------------------------------------------
@@ -1413,6 +1460,15 @@ class FailureTest(unittest.TestCase):
         job = wait_for_job(self.client, bad, 120)
         self.assertEqual(job["state"], "failed")
         self.assertIn("Nowhere", job["error"])
+
+    def test_worker_exits_when_idle(self):
+        job_id = self.submit("--", "+W32", "+H24")
+        started = time.time()
+        worker = self.work("--exit-when-idle", "3")
+        self.assertEqual(worker.wait(60), 0)
+        self.assertEqual(self.client.call("GET", "/api/jobs/%d"
+                                          % job_id)["state"], "done")
+        self.assertGreater(time.time() - started, 3)
 
     def test_scene_without_image_fails(self):
         script = write_script(self.folder, "no-image", "exit 0")
@@ -5928,6 +5984,10 @@ class ClusterExamplesTest(unittest.TestCase):
                 self.assertEqual(args.url, PLACEHOLDER_URL)
                 self.assertIsNone(args.token)
                 self.assertIsNotNone(args.workdir)
+                # Batch slots are freed when the farm runs dry; services
+                # would only be started again.
+                self.assertEqual(args.exit_when_idle > 0,
+                                 name in (SLURM, CONDOR_SUBMIT))
 
     def test_shell_scripts_read_token_file(self):
         _, slurm_token = self.record_slurm_script()

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Slurm batch script: each array task runs one httpov worker until the
-# job's time limit or scancel. Usage: README.md in this folder.
+# farm has had no work for it for 10 minutes, the job's time limit or
+# scancel. Usage: README.md in this folder.
 #SBATCH --job-name=httpov-workers
 #SBATCH --array=1-8
 #SBATCH --cpus-per-task=4
@@ -29,7 +30,8 @@ python3 "$httpov" work "$url" \
     --name "slurm-${SLURM_ARRAY_JOB_ID:-0}-${SLURM_ARRAY_TASK_ID:-0}" \
     --group slurm \
     --threads "${SLURM_CPUS_PER_TASK:-1}" \
-    --workdir "$workdir" &
+    --workdir "$workdir" \
+    --exit-when-idle "${HTTPOV_IDLE_SECONDS:-600}" &
 worker=$!
 
 # bash runs a trap only when the command in the foreground ends, so the
