@@ -3801,8 +3801,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                    for network in self.farm.legacy_networks)
 
     def legacy_refused(self):
-        server_log.warning("HTTPov client at %s refused: not in "
-                           "--legacy-clients", self.address_string())
+        server_log.warning("HTTPov client at %s rejected: its address is "
+                           "not in --legacy-clients", self.address_string())
         self.send_legacy(["error=this server does not accept HTTPov clients "
                           "from %s; use the address with the worker token "
                           "(/legacy/TOKEN/) or start serve with "
@@ -3829,11 +3829,11 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             self.legacy_command()
 
     def legacy_command(self):
-        """Answer one command of the HTTPov 0.9 protocol."""
+        """Run one command of the HTTPov 0.9 protocol and send the reply."""
         protocol = LegacyProtocol(self.farm, self.query,
                                   self.client_address[0])
         if self.command != "POST":
-            self.send_legacy(protocol.answer())
+            self.send_legacy(protocol.run_command())
             return
         match = re.match(r"^multipart/form-data;\s*boundary=\"?([^\";]+)",
                          self.headers.get("Content-Type", ""))
@@ -3846,7 +3846,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             _, file_name = parse_multipart(
                 body, match.group(1).encode("latin-1"), upload,
                 self.farm.max_result_bytes, "filedata")
-            self.send_legacy(protocol.answer(upload if file_name else None))
+            self.send_legacy(protocol.run_command(
+                upload if file_name else None))
         finally:
             remove_quietly(body)
             remove_quietly(upload)
@@ -3868,7 +3869,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                        "attachment")
 
     def legacy_version(self):
-        """Answer the clients' update check with their newest version."""
+        """Reply to the clients' update check with their newest version."""
         family = (self.query_value("version") or "").partition(".")[0]
         self.send_legacy(["clientver=%s" % LEGACY_LATEST.get(family,
                                                               "2.2.1")])
@@ -4068,7 +4069,7 @@ PAGE_POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'; "
                "img-src 'self'; style-src 'unsafe-inline'; form-action "
                "'self'; frame-ancestors 'none'; base-uri 'none'")
 MAX_GRID_TASKS = 5000             # tasks shown in a job page's grid
-MAX_LISTED_TASKS = 100000         # tasks in one answer of the tasks API
+MAX_LISTED_TASKS = 100000         # tasks in one response of the tasks API
 STALE_WORKER_SECONDS = 30         # a worker polls or beats every 10 s
 TASK_COLOURS = {"queued": "#ccc", "leased": "#e9b949", "done": "#3a7",
                 "failed": "#c33"}
@@ -4093,8 +4094,8 @@ PAGE_POLL_MS = 3000               # how often page scripts ask the API
 MAX_THUMBNAILS = 48               # finished frames shown on a job page
 MAX_FAILED_SHOWN = 20             # failed tasks shown on a job page
 MAX_LOG_SHOWN = 4000              # characters of a failed task's log
-# The pages' script: it asks the JSON API for fresh data and rewrites the
-# parts of the page that change, with textContent only, so no name from a
+# The pages' script: it requests fresh data from the JSON API and rewrites
+# the parts of the page that change, with textContent only, so no name from a
 # job or worker is ever read as HTML. The pages work without it.
 PAGE_SCRIPT = r"""
 "use strict";
@@ -4643,7 +4644,7 @@ def render_status_page(jobs, workers):
 # Machines that still run the original HTTPov clients (Bash client 1.2,
 # Python client 2.2.1) render for httpov unchanged. Their protocol is one
 # URL, /httpov.php, with the command and its parameters in the query
-# string; replies are "key=value" lines that the clients read by position,
+# string. Replies are "key=value" lines that the clients read by position,
 # so the order of the lines is part of the protocol. This section maps it
 # onto the farm: a client "hostname:cid" is a worker, a batch number is one
 # attempt of one task, frames are counted from 0, and an upload (zipped PNG
@@ -4668,7 +4669,7 @@ def legacy_name(job):
     """Return the name old clients know a job by.
 
     It names the job's folder and archive on the client and is the base
-    of POV-Ray's output names there, so it holds only safe characters
+    of POV-Ray's output names there, so it contains only safe characters
     and starts with the job id, never with a dash.
     """
     return "%d-%s" % (job["id"],
@@ -4876,7 +4877,7 @@ class LegacyProtocol:
                             % (name, text))
         return int(text)
 
-    def answer(self, upload=None):
+    def run_command(self, upload=None):
         """Run the request's command; return the reply lines."""
         command = self.value("command")
         version = self.value("version")

@@ -1020,7 +1020,7 @@ class CommandLineTest(unittest.TestCase):
                                       "o", "f")
         self.assertEqual(still[4], "demo.pov")
 
-    def test_windows_output_base_avoids_spaces_and_drive(self):
+    def test_windows_output_base_is_relative(self):
         task_dir = "C:\\Users\\Jo Doe\\httpov work\\task 7"
         self.assertEqual(httpov.windows_output_base(
             task_dir + "\\output\\frame", task_dir + "\\scene", ntpath),
@@ -4198,7 +4198,7 @@ class Browser:
         """Scroll the element into view and click its center."""
         self._command("POST", "/element/{}/click".format(element), {})
 
-    # -- Scripts, cookies, screenshots and logs --
+    # -- Scripts, cookies and logs --
 
     def execute(self, script, *args):
         """Run ``script`` as a function body and return its return value.
