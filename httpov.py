@@ -3126,6 +3126,8 @@ ROUTES = [
     ("POST", r"/legacy/([^/]{1,200})/httpov\.php", "legacy_token", "page"),
     ("GET", r"/legacy/([^/]{1,200})/jobs/(\d{1,18})-([A-Za-z0-9._-]{0,60})"
      r"\.zip", "legacy_token_archive", "page"),
+    ("GET", r"/api/tasks/(\d{1,18})", "api_task", "admin"),
+    ("GET", r"/jobs/(\d{1,18})/tasks/(\d{1,18})", "page_task", "page"),
     ("GET", r"/api/workers", "api_workers", "admin"),
     ("POST", r"/api/workers", "api_register", "worker"),
     ("POST", r"/api/claim", "api_claim", "worker"),
@@ -3289,6 +3291,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         if role == "admin" and self.command == "GET" and (
                 self.farm.public_status or self.has_session()):
             return
+        if role == "admin" and self.has_session() and self.csrf_header():
+            # Another site's page cannot send this header without this
+            # server's consent (CORS), so the request is the page's own.
+            return
         if token is None:
             raise Unauthorized("missing token: send the header "
                                "'Authorization: Bearer TOKEN' (see "
@@ -3439,6 +3445,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                                  for job in self.farm.db.jobs()]})
 
     def api_submit(self):
+        if self.headers.get("Content-Type", "").startswith(
+                "multipart/form-data"):
+            self.send_json(self.submit_form(), 201)
+            return
         options = {name: self.query_value(name) for name in
                    JOB_OPTION_NAMES if self.query_value(name) is not None}
         options["povray_options"] = self.query.get("option", [])
@@ -3482,6 +3492,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         tasks = self.farm.db.tasks(int(job_id), limit=limit)
         self.send_json({"tasks": [self.farm.task_summary(task, False)
                                   for task in tasks]})
+
+    def api_task(self, task_id):
+        self.send_json(self.farm.task_summary(self.farm.db.task(
+            int(task_id))))
 
     def api_frame(self, job_id, frame):
         job = self.farm.db.job(int(job_id))
@@ -3694,9 +3708,28 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         page = render_job_page(job, tasks, self.csrf_token())
         self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
 
+    def page_task(self, job_id, task_id):
+        if not self.may_read_pages():
+            self.send_bytes(render_login_page().encode(),
+                            "text/html; charset=utf-8", 401)
+            return
+        task = self.farm.db.task(int(task_id))
+        if task["job_id"] != int(job_id):
+            raise NotFound("job %s has no task %s" % (job_id, task_id))
+        job = self.farm.db.job(task["job_id"])
+        page = render_task_page(job, self.farm.task_summary(task))
+        self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
+
     def csrf_token(self):
         return hmac.new(self.farm.session.encode(), b"csrf",
                         hashlib.sha256).hexdigest()
+
+    def csrf_header(self):
+        """Tell whether the request carries the page's CSRF token in the
+        X-CSRF-Token header."""
+        return hmac.compare_digest(
+            self.headers.get("X-CSRF-Token", "").encode(),
+            self.csrf_token().encode())
 
     def page_job_control(self, job_id):
         """Apply a form of the job page: an action or new settings.
@@ -3739,7 +3772,15 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                         "text/html; charset=utf-8", 200)
 
     def page_submit_upload(self):
-        """Create a job from the submit page's multipart form."""
+        """Create a job from the submit page's form sent without the
+        page's script, and show the job's page."""
+        summary = self.submit_form()
+        self.send_bytes(b"", "text/plain", 303,
+                        {"Location": "/jobs/%d" % summary["id"]})
+
+    def submit_form(self):
+        """Create a job from the submit page's multipart form; return the
+        job's summary."""
         match = re.match(r"^multipart/form-data;\s*boundary=\"?([^\";]+)",
                          self.headers.get("Content-Type", ""))
         if not match:
@@ -3752,8 +3793,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                 upload, match.group(1).encode("latin-1"), archive,
                 self.farm.max_job_bytes)
             csrf = fields.get("csrf", "")
-            if not (self.has_session() and hmac.compare_digest(
-                    csrf.encode(), self.csrf_token().encode())):
+            if not self.is_admin_request() and not (
+                    self.has_session() and hmac.compare_digest(
+                        csrf.encode(), self.csrf_token().encode())):
                 raise Unauthorized("invalid or missing CSRF token; reload "
                                    "the submit page and try again")
             if not file_name:
@@ -3779,8 +3821,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             remove_quietly(upload)
             remove_quietly(archive)
-        self.send_bytes(b"", "text/plain", 303,
-                        {"Location": "/jobs/%d" % summary["id"]})
+        return summary
 
     # -- HTTPov 0.9 clients (section 7) -------------------------------------
 
@@ -4014,6 +4055,11 @@ def openapi_document():
                     "responses": dict(errors(404), **{"200": reply(
                         "zip", {"type": "string", "format": "binary"},
                         "application/zip")})}},
+        "/api/tasks/{task}": {
+            "parameters": task_path,
+            "get": {"summary": "Show a task with the end of POV-Ray's "
+                    "output", "responses": dict(errors(404), **{
+                        "200": reply("the task")})}},
         "/api/tasks/{task}/heartbeat": {
             "parameters": task_path,
             "post": {"summary": "Renew a lease",
@@ -4081,7 +4127,7 @@ th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd;
 .bar { width: 12em; height: 0.9em; background: #eee; }
 .bar div { height: 100%; background: #3a7; }
 .error { color: #a22; }
-.grid span { display: inline-block; width: 0.8em; height: 0.8em;
+.grid a { display: inline-block; width: 0.8em; height: 0.8em;
              margin: 1px; }
 img.thumb { width: 160px; margin: 2px; border: 1px solid #ccc; }
 pre { background: #f4f4f4; padding: 0.5em; max-height: 20em;
@@ -4184,8 +4230,9 @@ PAGE_SCRIPT = r"""
     return span;
   }
 
-  function ask(path) {
-    return fetch(path, {credentials: "same-origin", cache: "no-store"})
+  function ask(path, options) {
+    options = options || {credentials: "same-origin", cache: "no-store"};
+    return fetch(path, options)
       .then(function (response) {
         return response.json().then(function (value) {
           if (!response.ok) {
@@ -4272,9 +4319,11 @@ PAGE_SCRIPT = r"""
     var grid = document.getElementById("grid");
     grid.textContent = "";
     tasks.slice(0, MAX_GRID).forEach(function (task) {
-      var span = node("span", null, {title: gridTitle(task)});
-      span.style.background = COLOURS[task.state] || "#888";
-      grid.appendChild(span);
+      var cell = node("a", null, {
+        title: gridTitle(task),
+        href: "/jobs/" + job.id + "/tasks/" + task.id});
+      cell.style.background = COLOURS[task.state] || "#888";
+      grid.appendChild(cell);
     });
 
     var preview = document.getElementById("preview");
@@ -4334,22 +4383,85 @@ PAGE_SCRIPT = r"""
     });
   }
 
-  function poll() {
+  function refresh() {
     var job = document.body.getAttribute("data-job");
     var update = job ? pollJob(job) :
       document.getElementById("jobs") ? pollStatus() : null;
     if (!update) {
-      return;
+      return null;
     }
-    update.then(function () {
+    return update.then(function () {
       polls += 1;
       showLive(null);
-    }, showLive).then(function () {
-      setTimeout(poll, POLL_MS);
+    }, showLive);
+  }
+
+  function poll() {
+    var update = refresh();
+    if (update) {
+      update.then(function () { setTimeout(poll, POLL_MS); });
+    }
+  }
+
+  function send(path, options, form) {
+    options.method = "POST";
+    options.credentials = "same-origin";
+    options.headers = options.headers || {};
+    options.headers["X-CSRF-Token"] = form.elements.csrf.value;
+    return ask(path, options);
+  }
+
+  // The forms work without this script; with it, they use the JSON API
+  // and the page stays where it is.
+  function controlJob(event) {
+    var form = event.target;
+    var job = document.body.getAttribute("data-job");
+    var action = event.submitter ? event.submitter.value : "update";
+    var done;
+    event.preventDefault();
+    if (action === "update") {
+      done = send("/api/jobs/" + job, {
+        headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({
+          priority: Number(form.elements.priority.value),
+          max_workers: Number(form.elements.max_workers.value)})}, form);
+    } else {
+      done = send("/api/jobs/" + job + "/" + action, {}, form);
+    }
+    done.then(function () {
+      if (action === "delete") {
+        location.href = "/";
+      } else {
+        refresh();
+      }
+    }, function (error) {
+      document.getElementById("live").textContent =
+        action + " failed: " + error.message;
     });
   }
 
-  document.addEventListener("DOMContentLoaded", poll);
+  function submitJob(event) {
+    var form = event.target;
+    event.preventDefault();
+    send("/api/jobs", {body: new FormData(form)}, form)
+      .then(function (job) {
+        location.href = "/jobs/" + job.id;
+      }, function (error) {
+        document.getElementById("live").textContent =
+          "Submit failed: " + error.message;
+      });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    Array.prototype.forEach.call(
+      document.querySelectorAll("form.control"),
+      function (form) { form.addEventListener("submit", controlJob); });
+    var submit = document.getElementById("submit");
+    if (submit) {
+      submit.addEventListener("submit", submitJob);
+    }
+    poll();
+  });
 })();
 """ % {"poll_ms": PAGE_POLL_MS, "colours": json.dumps(TASK_COLOURS),
        "thumbnails": MAX_THUMBNAILS, "failed": MAX_FAILED_SHOWN,
@@ -4404,16 +4516,15 @@ def render_submit_page(csrf):
             ("priority", "Priority"),
             ("scene", "Scene or INI inside the zip"),
             ("povray_options", "POV-Ray options (+W640 +H480 ...)")))
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            "<title>httpov: submit</title><style>%s</style></head><body>"
-            "<p><a href='/'>all jobs</a></p><h1>Submit a job</h1>"
-            "<form method='post' action='/submit' "
+    return (page_head("httpov: submit", refresh=False)
+            + "<p><a href='/'>all jobs</a></p><h1>Submit a job</h1>"
+            "<form method='post' action='/submit' id='submit' "
             "enctype='multipart/form-data'>"
             "<input type='hidden' name='csrf' value='%s'>"
             "<p><label>Scene: a .zip of the job folder, or one .pov or .ini "
             "<input type='file' name='file' accept='.zip,.pov,.ini'>"
             "</label></p>%s<p><button>Submit</button></p></form>"
-            "</body></html>" % (PAGE_STYLE, html.escape(csrf), fields))
+            "</body></html>" % (html.escape(csrf), fields))
 
 
 def parse_multipart(path, boundary, file_target, max_file_bytes,
@@ -4489,15 +4600,16 @@ def parse_multipart(path, boundary, file_target, max_file_bytes,
                     fields[name] = out.getvalue().decode("utf-8", "replace")
 
 
-def page_head(title, data=""):
+def page_head(title, data="", refresh=True):
     """Return the start of a page: the script, a refresh for browsers
     without JavaScript, and the body tag with the page's data."""
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            "<noscript><meta http-equiv='refresh' content='%d'></noscript>"
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>%s"
             "<script src='/static/httpov.js' defer></script>"
             "<title>%s</title><style>%s</style></head><body%s%s>"
             "<p id='live' class='live'></p>"
-            % (PAGE_REFRESH_SECONDS, html.escape(title), PAGE_STYLE, data,
+            % ("<noscript><meta http-equiv='refresh' content='%d'>"
+               "</noscript>" % PAGE_REFRESH_SECONDS if refresh else "",
+               html.escape(title), PAGE_STYLE, data,
                " data-mp4='1'" if ffmpeg_path() else ""))
 
 
@@ -4533,14 +4645,15 @@ def render_job_page(job, tasks, csrf):
     parts.append("<p id='error' class='error'>%s</p>"
                  % escape(job["error"] or ""))
 
-    parts.append("<form method='post' action='/jobs/%d/control'>"
-                 "<input type='hidden' name='csrf' value='%s'>"
-                 % (job["id"], escape(csrf)))
+    parts.append("<form method='post' action='/jobs/%d/control' "
+                 "class='control'><input type='hidden' name='csrf' "
+                 "value='%s'>" % (job["id"], escape(csrf)))
     for action in JOB_ACTIONS:
         parts.append("<button name='action' value='%s'>%s</button> "
                      % (action, action))
-    parts.append("</form><form method='post' action='/jobs/%d/control'>"
-                 "<input type='hidden' name='csrf' value='%s'>"
+    parts.append("</form><form method='post' action='/jobs/%d/control' "
+                 "class='control'><input type='hidden' name='csrf' "
+                 "value='%s'>"
                  "Priority <input name='priority' value='%d' size='5'> "
                  "Max workers <input name='max_workers' value='%d' "
                  "size='5'> <button name='action' value='update'>set"
@@ -4550,8 +4663,9 @@ def render_job_page(job, tasks, csrf):
 
     parts.append("<h2>Tasks</h2><div id='grid' class='grid'>")
     for task in tasks:
-        parts.append("<span title='%s' style='background:%s'></span>"
-                     % (escape(grid_title(task)),
+        parts.append("<a href='/jobs/%d/tasks/%d' title='%s' "
+                     "style='background:%s'></a>"
+                     % (job["id"], task["id"], escape(grid_title(task)),
                         TASK_COLOURS.get(task["state"], "#888")))
     parts.append("</div>")
 
@@ -4580,6 +4694,27 @@ def render_job_page(job, tasks, csrf):
                         escape((task["log"] or "")[-MAX_LOG_SHOWN:])))
     parts.append("</div></body></html>")
     return "".join(parts)
+
+
+def render_task_page(job, task):
+    """Return the HTML of one task's page: its state and POV-Ray's log."""
+    escape = html.escape
+    rows = [("State", task["state"]),
+            ("Frames", "%d-%d" % (task["frame_first"], task["frame_last"])),
+            ("Rows", "%d-%d" % (task["row_first"], task["row_last"])),
+            ("Attempts", task["attempts"]),
+            ("Worker", task["worker_id"] or task["failed_worker"] or "-"),
+            ("Progress", "%.0f%%" % (100 * task["progress"])),
+            ("Error", task["error"] or "-")]
+    table = "".join("<tr><th>%s</th><td>%s</td></tr>"
+                    % (name, escape(str(value))) for name, value in rows)
+    return (page_head("httpov task %d" % task["id"])
+            + "<p><a href='/jobs/%d'>job %d: %s</a></p>"
+            "<h1>Task %d</h1><table>%s</table><h2>POV-Ray output (end)"
+            "</h2><pre>%s</pre></body></html>"
+            % (job["id"], job["id"], escape(job["name"]), task["id"], table,
+               escape((task["log"] or "no output recorded")
+                      [-MAX_LOG_SHOWN:])))
 
 
 def render_login_page(problem=""):
@@ -5120,9 +5255,26 @@ class ApiClient:
         elif method in ("POST", "PUT"):
             headers["Content-Length"] = "0"
         try:
+            reused = self.connection is not None
             connection = self.connect()
-            connection.request(method, self.prefix + path, body, headers)
-            response = connection.getresponse()
+            try:
+                connection.request(method, self.prefix + path, body,
+                                   headers)
+                response = connection.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError):
+                if not reused:
+                    raise
+                # The server closed the idle keep-alive connection (after
+                # HEADER_TIMEOUT_SECONDS) before it read this request, so
+                # sending it again on a new connection is safe.
+                self.close()
+                if body is not None and not isinstance(body, bytes):
+                    body.seek(0)
+                connection = self.connect()
+                connection.request(method, self.prefix + path, body,
+                                   headers)
+                response = connection.getresponse()
             if target is not None and response.status == 200:
                 with open(target, "wb") as out:
                     shutil.copyfileobj(response, out, COPY_CHUNK_BYTES)

@@ -2512,7 +2512,8 @@ class JobPageTest(unittest.TestCase):
         self.assertIn("&lt;script&gt;x&lt;/script&gt; caf\u00e9", text)
         self.assertNotIn("<script>", text)
         self.assertEqual(text.count("class='grid'"), 1)
-        self.assertEqual(text.count("<span title='task"), 2)
+        self.assertEqual(text.count("<a href='/jobs/%d/tasks/"
+                                    % self.job["id"]), 2)
 
     def test_control_needs_csrf_token(self):
         form = urllib.parse.urlencode({"action": "pause"}).encode()
@@ -2534,6 +2535,42 @@ class JobPageTest(unittest.TestCase):
                          % self.job["id"], data=form, timeout=10)
         job = self.client.call("GET", "/api/jobs/%d" % self.job["id"])
         self.assertEqual((job["priority"], job["max_workers"]), (7, 3))
+
+    def test_task_page_and_api(self):
+        task = self.client.call("GET", "/api/jobs/%d/tasks"
+                                % self.job["id"])["tasks"][0]
+        shown = self.client.call("GET", "/api/tasks/%d" % task["id"])
+        self.assertEqual((shown["id"], shown["state"], shown["log"]),
+                         (task["id"], "queued", None))
+        page = self.opener.open(self.server.url + "jobs/%d/tasks/%d"
+                                % (self.job["id"], task["id"]),
+                                timeout=10).read().decode()
+        self.assertIn("<h1>Task %d</h1>" % task["id"], page)
+        self.assertIn("&lt;script&gt;x&lt;/script&gt; caf\u00e9", page)
+        self.assertIn("no output recorded", page)
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            self.opener.open(self.server.url + "jobs/%d/tasks/%d"
+                             % (self.job["id"] + 1, task["id"]), timeout=10)
+        self.assertEqual(caught.exception.code, 404)
+
+    def test_session_changes_only_with_csrf_header(self):
+        csrf = re.search(r"name='csrf' value='(\w+)'", self.page()).group(1)
+        url = self.server.url + "api/jobs/%d/pause" % self.job["id"]
+        for headers, expected in (({}, 401),
+                                  ({"X-CSRF-Token": "0" * 64}, 401)):
+            request = urllib.request.Request(url, b"", headers)
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                self.opener.open(request, timeout=10)
+            self.assertEqual(caught.exception.code, expected)
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(urllib.request.Request(
+                url, b"", {"X-CSRF-Token": csrf}), timeout=10)
+        self.assertEqual(caught.exception.code, 401,
+                         "the header alone, without the cookie")
+        self.opener.open(urllib.request.Request(
+            url, b"", {"X-CSRF-Token": csrf}), timeout=10)
+        job = self.client.call("GET", "/api/jobs/%d" % self.job["id"])
+        self.assertEqual(job["state"], "paused")
 
     def test_mp4_needs_ffmpeg(self):
         if shutil.which("ffmpeg"):
@@ -4198,6 +4235,12 @@ class Browser:
         """Scroll the element into view and click its center."""
         self._command("POST", "/element/{}/click".format(element), {})
 
+    def send_keys(self, element, text):
+        """Type ``text`` into the element; for a file input, the text is
+        the path of the file to choose."""
+        self._command(
+            "POST", "/element/{}/value".format(element), {"text": text})
+
     # -- Scripts, cookies and logs --
 
     def execute(self, script, *args):
@@ -4287,8 +4330,8 @@ class ViewerBrowserTest(unittest.TestCase):
         browser = self.browser
         name = "<script>alert(1)</script> \"q\" caf\u00e9 \u6f22"
         query = urllib.parse.urlencode(
-            [("name", name), ("slices", "4"), ("frames", "1-6"),
-             ("frames_per_task", "1")])
+            [("name", name), ("slices", "4"), ("frames_per_task", "1"),
+             ("option", "+W960"), ("option", "+H720")])
         archive = os.path.join(self.folder, "job.zip")
         packed, _ = httpov.pack_job(os.path.join(EXAMPLES,
                                                  "sliced-animation"))
@@ -4319,20 +4362,47 @@ class ViewerBrowserTest(unittest.TestCase):
         self.assertIn(name, self.text("h1"))
         browser.execute("window.stayed = true")
         first = self.text("#summary")
-        browser.wait_for(lambda: self.text("#summary") != first, 60,
+        browser.wait_for(lambda: self.text("#summary") != first, 120,
                          "the job's progress to move")
         self.assertTrue(browser.execute("return window.stayed === true"),
                         "progress moved without a reload")
         browser.wait_for(lambda: browser.execute(
             "var i = document.querySelector('#preview img');"
-            "return i !== null && i.complete && i.naturalWidth === 480"),
-            60, "the preview of the frame in progress to load")
+            "return i !== null && i.complete && i.naturalWidth === 960"),
+            120, "the preview of the frame in progress to load")
         browser.click(browser.find("button[value='pause']"))
         browser.wait_for(lambda: "paused" in self.text("#summary"), 15,
                          "the page to show the job paused")
         self.assertEqual(self.client.call("GET", "/api/jobs/%d"
                                           % job["id"])["state"], "paused")
+        self.assertTrue(browser.execute("return window.stayed === true"),
+                        "the pause button used the API, not a new page")
         self.assertEqual(browser.console_errors(), [])
+
+    def test_submit_page_uploads_a_scene(self):
+        browser = self.browser
+        scene = os.path.join(self.folder, "ball.pov")
+        with open(scene, "wb") as out:
+            out.write(SPHERE_SCENE)
+        browser.get(self.server.url + "?token=" + self.server.admin)
+        browser.get(self.server.url + "submit")
+        browser.send_keys(browser.find("input[name='file']"), scene)
+        browser.send_keys(browser.find("input[name='name']"),
+                          "ball \u00e9")
+        browser.send_keys(browser.find("input[name='povray_options']"),
+                          "+W40 +H30")
+        browser.click(browser.find("form#submit button"))
+        browser.wait_for(lambda: "/jobs/" in browser.current_url(), 15,
+                         "the new job's page")
+        job_id = int(browser.current_url().rsplit("/", 1)[1])
+        job = self.client.call("GET", "/api/jobs/%d" % job_id)
+        self.assertEqual((job["name"], job["width"], job["height"]),
+                         ("ball \u00e9", 40, 30))
+        browser.get(self.server.url + "submit")
+        browser.click(browser.find("form#submit button"))
+        browser.wait_for(lambda: "Submit failed: no file chosen" in
+                         self.text("#live"), 15, "the error shown")
+        self.assertEqual(browser.current_url(), self.server.url + "submit")
 
 
 # ---------------------------------------------------------------------------
