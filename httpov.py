@@ -194,6 +194,7 @@ class Unavailable(UserError):
     """The server cannot do this now; the client may try again later."""
 
     status = 503
+    headers = {"Retry-After": "30"}
 
 
 class HelperFailed(UserError):
@@ -441,6 +442,11 @@ def read_ini_text(text, source="INI"):
                 raise UserError("%s line %d: %s runs a shell command, "
                                 "which the farm does not allow; remove it"
                                 % (source, number, key.title()))
+            if key == "include_ini":
+                raise UserError("%s line %d: Include_Ini reads another INI "
+                                "file, which the farm would not check; "
+                                "move its settings into this INI"
+                                % (source, number))
             pairs.append((INI_KEYS.get(key), value))
             continue
         for word in line.split():
@@ -633,6 +639,9 @@ def check_member_name(name):
     """Raise UserError unless ``name`` is a safe relative archive path."""
     if not name or "\0" in name:
         raise UserError("archive member with an empty or NUL name")
+    if re.search(r"[\x00-\x1f\x7f]", name):
+        raise UserError("archive member %r has a control character (such "
+                        "as a line break) in its name; rename it" % name)
     if "\\" in name:
         raise UserError("archive member %r uses backslashes; make the "
                         "archive with forward slashes" % name)
@@ -984,6 +993,7 @@ PNG_KEPT_CHUNKS = (b"gAMA", b"sRGB", b"cHRM", b"iCCP", b"sBIT")
 PNG_MAX_CHUNK_BYTES = 1 << 31
 PNG_MAX_KEPT_CHUNK_BYTES = 1 << 20  # colour chunks; others are skipped
 PNG_IDAT_BYTES = 1 << 16                    # size of the IDATs we write
+MAX_PPM_HEADER_BYTES = 4096                 # POV-Ray's is under 100
 DEFAULT_FRAME_DELAY_MS = 40                 # animated preview: 25 fps
 MP4_FRAMES_PER_SECOND = 25
 MAX_ENCODE_SECONDS = 1800                   # one ffmpeg run for an MP4
@@ -1247,12 +1257,19 @@ def write_png(path, info, scanlines, extra=()):
         out.write(png_chunk(b"IEND", b""))
 
 
-def check_png(path, width=None, height=None):
-    """Decode a PNG's structure and check its size; return its info."""
+def check_png(path, width=None, height=None, depth=None, alpha=None):
+    """Decode a PNG's structure and check its size, bit depth and alpha
+    channel where given; return its info."""
     info, _, scanlines = read_png_scanlines(path)
     if width is not None and (info.width, info.height) != (width, height):
         raise ImageError("image is %dx%d, expected %dx%d"
                          % (info.width, info.height, width, height))
+    if depth is not None and info.depth != depth:
+        raise ImageError("image is %s, expected %d bits per channel"
+                         % (info.describe(), depth))
+    if alpha is not None and (info.color_type in (4, 6)) != alpha:
+        raise ImageError("image is %s, expected %s alpha channel"
+                         % (info.describe(), "an" if alpha else "no"))
     for _ in scanlines:
         pass
     return info
@@ -1374,19 +1391,24 @@ def write_partial_frame(target, parts, width):
 
 
 def read_ppm_header(stream):
-    """Read a binary PPM (P6) header; return its ImageInfo.
+    """Read a binary PPM (P6) or PGM (P5) header; return its ImageInfo.
 
-    The header is ``P6``, then width, height and maxval separated by
+    POV-Ray writes PGM for grey output. The header is ``P6`` or ``P5``,
+    then width, height and maxval separated by
     white space, with ``#`` comments allowed between them, then exactly
     one white-space byte before the pixels.
     """
-    if stream.read(2) != b"P6":
-        raise ImageError("not a binary PPM file (P6)")
+    magic = stream.read(2)
+    if magic not in (b"P6", b"P5"):
+        raise ImageError("not a binary PPM or PGM file (P6 or P5)")
     fields = []
     byte = stream.read(1)
     while len(fields) < 3:
         if not byte:
             raise ImageError("PPM header is truncated")
+        if stream.tell() > MAX_PPM_HEADER_BYTES:
+            raise ImageError("PPM header is longer than %d bytes"
+                             % MAX_PPM_HEADER_BYTES)
         if byte == b"#":
             while byte not in (b"\n", b"\r", b""):
                 byte = stream.read(1)
@@ -1410,7 +1432,8 @@ def read_ppm_header(stream):
                          % maxval)
     if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
         raise ImageError("PPM size %dx%d is out of range" % (width, height))
-    return ImageInfo(width, height, 8 if maxval == 255 else 16, 2)
+    return ImageInfo(width, height, 8 if maxval == 255 else 16,
+                     2 if magic == b"P6" else 0)
 
 
 def write_apng(target, frame_paths, delay_ms=DEFAULT_FRAME_DELAY_MS):
@@ -2797,9 +2820,8 @@ class Farm:
                                 "contains: %s)"
                                 % (task["id"], ", ".join(missing),
                                    ", ".join(sorted(names)) or "nothing"))
-            # A PNG is never much larger than its raw 16-bit RGBA pixels.
-            largest = min(self.max_result_bytes, COPY_CHUNK_BYTES + 2 * (
-                height * (1 + width * 8)))
+            largest = largest_png_bytes(width, height,
+                                        self.max_result_bytes)
             for name in expected:
                 member = archive.getinfo(name)
                 if member.file_size > largest:
@@ -2814,11 +2836,12 @@ class Farm:
                     final = self.slice_path(job["id"], task["frame_first"],
                                             task["id"])
                     prepared[-1] = (self.check_slice(
-                        temp_path, task, width, height, prepared), final)
+                        temp_path, task, settings, prepared), final)
                 else:
                     frame = int(name[len("frames/"):-len(".png")])
                     try:
-                        check_png(temp_path, width, height)
+                        check_png(temp_path, width, height,
+                                  settings["depth"], settings["alpha"])
                     except ImageError as error:
                         raise ImageError("frame %d of task %d: %s"
                                          % (frame, task["id"], error))
@@ -2826,12 +2849,14 @@ class Farm:
                                     self.frame_path(job["id"], frame))
         return log_text
 
-    def check_slice(self, temp_path, task, width, height, prepared):
+    def check_slice(self, temp_path, task, settings, prepared):
         # The caller has copied the slice; this checks and crops it.
         """Check a slice PNG; crop a full-size one to the task's rows."""
+        width, height = settings["width"], settings["height"]
         rows = task["row_last"] - task["row_first"] + 1
         try:
-            info = check_png(temp_path)
+            info = check_png(temp_path, depth=settings["depth"],
+                             alpha=settings["alpha"])
         except ImageError as error:
             raise ImageError("slice of task %d: %s" % (task["id"], error))
         if info.width != width or info.height not in (rows, height):
@@ -2907,6 +2932,16 @@ def lock_data_dir(data_dir):
     return lock_file
 
 
+def describe_zip_error(error):
+    return printable("%s: %s" % (type(error).__name__, error), 200)
+
+
+def largest_png_bytes(width, height, cap):
+    """Return the most bytes a result PNG may have: it is never much
+    larger than its raw 16-bit RGBA pixels."""
+    return min(cap, COPY_CHUNK_BYTES + 2 * (height * (1 + width * 8)))
+
+
 def copy_member(archive, member, target, limit, signature=PNG_SIGNATURE):
     """Copy a zip member to a file, reading at most ``limit`` bytes.
 
@@ -2915,6 +2950,11 @@ def copy_member(archive, member, target, limit, signature=PNG_SIGNATURE):
     or fails to decompress.
     """
     kind = "PNG" if signature == PNG_SIGNATURE else "PPM"
+    if member.file_size > limit:
+        raise TooLarge("%s unpacks to %d bytes, more than the %d a %s of "
+                       "this size can need" % (member.filename,
+                                               member.file_size, limit,
+                                               kind))
     try:
         with archive.open(member) as source, open(target, "wb") as out:
             head = source.read(len(signature))
@@ -2932,8 +2972,15 @@ def copy_member(archive, member, target, limit, signature=PNG_SIGNATURE):
                     raise TooLarge("%s is larger than %d bytes"
                                    % (member.filename, limit))
                 out.write(chunk)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-        raise UserError("result archive is corrupt (%s)" % error)
+    except UserError:
+        raise
+    except Exception as error:
+        # A hostile member fails in many ways: bad data, encryption
+        # (RuntimeError), unknown compression (NotImplementedError) or a
+        # decompressor's own error (LZMAError is a plain Exception).
+        raise UserError("result archive member %s is corrupt or cannot "
+                        "be read: %s" % (member.filename,
+                                         describe_zip_error(error)))
 
 
 def remove_tree_or_file(path):
@@ -3217,10 +3264,11 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             self.check_access(route[3])
             getattr(self, route[2])(*arguments)
         except UserError as error:
-            failure = (error.status, str(error), None)
+            failure = (error.status, str(error),
+                       getattr(error, "headers", None))
         except DatabaseBusy as error:
             server_log.warning("%s %s: database busy (%s), responded 503",
-                               method, parsed.path, error)
+                               method, self.loggable(parsed.path), error)
             failure = (503, "the server is busy; try again",
                        {"Retry-After": "2"})
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -3229,11 +3277,12 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             if type(error).__name__ == "OperationalError" and \
                     "locked" in str(error):
                 server_log.warning("%s %s: database locked, responded 503",
-                                   method, parsed.path)
+                                   method, self.loggable(parsed.path))
                 failure = (503, "the server is busy; try again",
                            {"Retry-After": "2"})
             else:
-                server_log.exception("%s %s failed", method, parsed.path)
+                server_log.exception("%s %s failed", method,
+                                     self.loggable(parsed.path))
                 failure = (500, "internal server error; see the server "
                            "log", None)
         if failure is None:
@@ -3705,7 +3754,11 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                                     detail=True)
         tasks = [self.farm.task_summary(task, False) for task in
                  self.farm.db.tasks(int(job_id), limit=MAX_GRID_TASKS)]
-        page = render_job_page(job, tasks, self.csrf_token())
+        # --public-status readers see no forms: the CSRF token is for the
+        # session alone.
+        csrf = self.csrf_token() if self.has_session() or \
+            self.is_admin_request() else None
+        page = render_job_page(job, tasks, csrf)
         self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
 
     def page_task(self, job_id, task_id):
@@ -3870,12 +3923,30 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             self.legacy_command()
 
     def legacy_command(self):
-        """Run one command of the HTTPov 0.9 protocol and send the reply."""
+        """Run one command of the HTTPov 0.9 protocol and send the reply.
+
+        Old clients read no JSON, so a bad upload is answered with the
+        protocol's status=error line.
+        """
+        if self.command not in ("GET", "POST"):
+            raise MethodNotAllowed("the HTTPov protocol uses GET and POST "
+                                   "only")
         protocol = LegacyProtocol(self.farm, self.query,
                                   self.client_address[0])
-        if self.command != "POST":
+        if self.command == "GET":
             self.send_legacy(protocol.run_command())
             return
+        try:
+            self.legacy_upload(protocol)
+        except UserError as error:
+            server_log.warning("HTTPov client at %s: upload rejected: %s",
+                               self.address_string(),
+                               printable(str(error)))
+            self.close_connection = True
+            self.send_legacy(["status=error"])
+
+    def legacy_upload(self, protocol):
+        """Read a postbatch upload and run its command."""
         match = re.match(r"^multipart/form-data;\s*boundary=\"?([^\";]+)",
                          self.headers.get("Content-Type", ""))
         if not match:
@@ -4645,21 +4716,8 @@ def render_job_page(job, tasks, csrf):
     parts.append("<p id='error' class='error'>%s</p>"
                  % escape(job["error"] or ""))
 
-    parts.append("<form method='post' action='/jobs/%d/control' "
-                 "class='control'><input type='hidden' name='csrf' "
-                 "value='%s'>" % (job["id"], escape(csrf)))
-    for action in JOB_ACTIONS:
-        parts.append("<button name='action' value='%s'>%s</button> "
-                     % (action, action))
-    parts.append("</form><form method='post' action='/jobs/%d/control' "
-                 "class='control'><input type='hidden' name='csrf' "
-                 "value='%s'>"
-                 "Priority <input name='priority' value='%d' size='5'> "
-                 "Max workers <input name='max_workers' value='%d' "
-                 "size='5'> <button name='action' value='update'>set"
-                 "</button></form>"
-                 % (job["id"], escape(csrf), job["priority"],
-                    job["max_workers"]))
+    if csrf is not None:
+        parts.append(render_job_forms(job, csrf))
 
     parts.append("<h2>Tasks</h2><div id='grid' class='grid'>")
     for task in tasks:
@@ -4693,6 +4751,27 @@ def render_job_page(job, tasks, csrf):
                         escape(task["error"] or ""),
                         escape((task["log"] or "")[-MAX_LOG_SHOWN:])))
     parts.append("</div></body></html>")
+    return "".join(parts)
+
+
+def render_job_forms(job, csrf):
+    """Return the job page's forms: actions, priority and max workers."""
+    escape = html.escape
+    parts = ["<form method='post' action='/jobs/%d/control' "
+             "class='control'><input type='hidden' name='csrf' "
+             "value='%s'>" % (job["id"], escape(csrf))]
+    for action in JOB_ACTIONS:
+        parts.append("<button name='action' value='%s'>%s</button> "
+                     % (action, action))
+    parts.append("</form><form method='post' action='/jobs/%d/control' "
+                 "class='control'><input type='hidden' name='csrf' "
+                 "value='%s'>"
+                 "Priority <input name='priority' value='%d' size='5'> "
+                 "Max workers <input name='max_workers' value='%d' "
+                 "size='5'> <button name='action' value='update'>set"
+                 "</button></form>"
+                 % (job["id"], escape(csrf), job["priority"],
+                    job["max_workers"]))
     return "".join(parts)
 
 
@@ -4797,6 +4876,7 @@ LEGACY_JOB_INI = "httpov-job.ini"  # a job's own pov.ini, renamed
 LEGACY_FRAME = re.compile(r"^(?:.*/)?(?P<name>[^/]+)_(?P<frame>\d{1,9})"
                           r"\.png$")
 LEGACY_SLICE = re.compile(r"^(?:.*/)?slice_\d{1,9}\.ppm$")
+LEGACY_NO_WORKER = ("hello", "abort")  # commands that register no worker
 LEGACY_REPORT = re.compile(r"^(?:.*/)?batchreport(?:_\d{1,9})?\.txt$")
 
 
@@ -4828,18 +4908,40 @@ def frame_clock(settings, frame):
     return start + (frame - settings["initial_frame"]) * (end - start) / span
 
 
-def legacy_job_ini(job):
-    """Return the name of the job's own INI in the legacy archive."""
-    if job["ini"] == LEGACY_INI:
-        return LEGACY_JOB_INI
-    return job["ini"]
+def legacy_layout(names, job):
+    """Map the job's archive members onto the legacy archive.
+
+    Returns ({member: name inside the job folder}, name of the job's INI
+    there). pov.ini is the farm's: a job file of that name, in any case,
+    is left out unless it is the job's INI, which is then renamed to a
+    name that no other file has, in any case either.
+    """
+    root = job["root"]
+    relative = {name: name[len(root):] for name in names
+                if name.startswith(root) and not name.endswith("/")}
+    taken = {path.lower() for path in relative.values()}
+    ini = job["ini"]
+    if ini and ini.lower() == LEGACY_INI:
+        number = 1
+        ini = LEGACY_JOB_INI
+        while ini.lower() in taken:
+            number += 1
+            ini = LEGACY_JOB_INI.replace(".ini", "-%d.ini" % number)
+    layout = {}
+    for member, path in relative.items():
+        if path.lower() == LEGACY_INI:
+            if path != job["ini"]:
+                continue
+            path = ini
+        layout[member] = path
+    return layout, ini
 
 
 def ini_value(text):
     return '"%s"' % text if " " in text else text
 
 
-def legacy_pov_ini(job):
+def legacy_pov_ini(job, ini):
     """Return the pov.ini that old clients run for a job.
 
     The clients count frames from 0, so the animation is restated as
@@ -4862,8 +4964,8 @@ def legacy_pov_ini(job):
         first_clock = last_clock = settings.get("clock", 0.0)
     lines = ["; httpov job %d %r, for HTTPov 0.9 clients"
              % (job["id"], printable(job["name"], 100))]
-    if job["ini"]:
-        lines.append(ini_value(legacy_job_ini(job)))
+    if ini:
+        lines.append(ini_value(ini))
     lines.extend(json.loads(job["povray_options"]))
     lines.extend([
         "Input_File_Name=" + ini_value(settings["input_file"]),
@@ -4884,21 +4986,16 @@ def write_legacy_archive(source_path, job, target):
     """Write the archive old clients download: the job's folder renamed
     to its legacy name, with pov.ini added."""
     name = legacy_name(job)
-    root = job["root"]
     with zipfile.ZipFile(source_path) as source, \
             atomic_output(target, ".zip") as out, \
             zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        layout, ini = legacy_layout(source.namelist(), job)
         archive.writestr(name + "/", b"")
-        archive.writestr(name + "/" + LEGACY_INI, legacy_pov_ini(job))
+        archive.writestr(name + "/" + LEGACY_INI, legacy_pov_ini(job, ini))
         for member in source.infolist():
-            if not member.filename.startswith(root) or member.is_dir():
+            if member.filename not in layout:
                 continue
-            relative = member.filename[len(root):]
-            if relative == LEGACY_INI:
-                if job["ini"] != LEGACY_INI:
-                    continue
-                relative = LEGACY_JOB_INI
-            copy = zipfile.ZipInfo(name + "/" + relative,
+            copy = zipfile.ZipInfo(name + "/" + layout[member.filename],
                                    member.date_time)
             copy.compress_type = zipfile.ZIP_DEFLATED
             copy.external_attr = 0o644 << 16
@@ -4909,17 +5006,29 @@ def write_legacy_archive(source_path, job, target):
 
 
 def read_legacy_log(archive, names):
-    """Return POV-Ray's output that a client zipped with its images."""
+    """Return POV-Ray's output that a client zipped with its images,
+    MAX_LOG_BYTES at most."""
+    left = MAX_LOG_BYTES
     parts = []
-    for name in names:
-        if LEGACY_REPORT.match(name):
-            with archive.open(name) as source:
-                parts.append(source.read(MAX_LOG_BYTES).decode(
-                    "utf-8", "replace"))
-    return "".join(parts)[-MAX_LOG_BYTES:]
+    for name in [name for name in names if LEGACY_REPORT.match(name)][:2]:
+        with archive.open(name) as source:
+            data = source.read(left)
+        parts.append(data.decode("utf-8", "replace"))
+        left -= len(data)
+        if left <= 0:
+            break
+    return "".join(parts)
 
 
-def convert_legacy_upload(upload, job, task, target, temp_path):
+def legacy_slice_number(job, task):
+    """Return the slice number old clients know a sliced task by: the
+    index of its first slice, since merged slices keep that start."""
+    first_rows = [rows[0] for rows in json.loads(job["row_ranges"])]
+    return first_rows.index(task["row_first"])
+
+
+def convert_legacy_upload(upload, job, task, target, temp_path,
+                          max_result_bytes=MAX_RESULT_BYTES):
     """Turn an old client's upload into a result archive of httpov's
     own layout (see Farm.deliver), written to ``target``.
 
@@ -4933,22 +5042,27 @@ def convert_legacy_upload(upload, job, task, target, temp_path):
     width, height = settings["width"], settings["height"]
     try:
         archive = zipfile.ZipFile(upload)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise UserError("upload is not a valid zip file (%s)" % error)
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UserError("upload is not a valid zip file (%s)"
+                        % describe_zip_error(error))
     scratch = temp_path()
     try:
         with archive, zipfile.ZipFile(target, "w") as result:
             names = archive.namelist()
             result.writestr("log.txt", read_legacy_log(archive, names))
             if sliced:
+                expected = "%s_frame_%08d/slice_%04d.ppm" % (
+                    name, task["frame_first"] - job["first_frame"],
+                    legacy_slice_number(job, task))
                 slices = [item for item in names if LEGACY_SLICE.match(item)]
-                if len(slices) != 1:
-                    raise UserError("expected one slice_NNNN.ppm in the "
-                                    "upload, found %d (it contains: %s)"
-                                    % (len(slices), ", ".join(names)))
+                if len(slices) != 1 or not slices[0].endswith(expected):
+                    raise UserError("expected one slice, %s, in the "
+                                    "upload (it contains: %s)"
+                                    % (expected, ", ".join(names[:20])))
                 member = archive.getinfo(slices[0])
                 copy_member(archive, member, scratch,
-                            COPY_CHUNK_BYTES + width * height * 6, b"P6")
+                            MAX_PPM_HEADER_BYTES + width * height * 6,
+                            member_signature(archive, member))
                 with open(scratch, "rb") as stream:
                     info = read_ppm_header(stream)
                 if (info.width, info.height, info.depth) != \
@@ -4970,20 +5084,32 @@ def convert_legacy_upload(upload, job, task, target, temp_path):
                 match = LEGACY_FRAME.match(item)
                 if match and match.group("name") == name:
                     found[int(match.group("frame"))] = item
+            largest = largest_png_bytes(width, height, max_result_bytes)
             for frame in range(task["frame_first"], task["frame_last"] + 1):
                 number = frame - job["first_frame"]
                 if number not in found:
                     raise UserError("frame %d (%s_%d.png) is missing from "
                                     "the upload (it contains: %s)"
                                     % (number, name, number,
-                                       ", ".join(names)))
+                                       ", ".join(names[:20])))
                 copy_member(archive, archive.getinfo(found[number]),
-                            scratch, MAX_RESULT_BYTES)
+                            scratch, largest)
                 result.write(scratch, "frames/%d.png" % frame)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-        raise UserError("upload is a corrupt zip file (%s)" % error)
+    except UserError:
+        raise
+    except Exception as error:
+        # As in copy_member: any failure to read the zip is the sender's.
+        raise UserError("upload is a corrupt zip file (%s)"
+                        % describe_zip_error(error))
     finally:
         remove_quietly(scratch)
+
+
+def member_signature(archive, member):
+    """Return the first two bytes of a member: P6 or P5 for a PPM."""
+    with archive.open(member) as source:
+        head = source.read(2)
+    return head if head in (b"P6", b"P5") else b"P6"
 
 
 class LegacyProtocol:
@@ -5026,13 +5152,15 @@ class LegacyProtocol:
         if command not in LEGACY_COMMANDS or handler is None:
             return ["command=unknown"]
         try:
-            self.worker_id = self.farm.db.legacy_worker(
-                self.client, self.value("cgroup")[:100], self.address,
-                time.time())
+            if command not in LEGACY_NO_WORKER:
+                self.worker_id = self.farm.db.legacy_worker(
+                    self.client, self.value("cgroup")[:100], self.address,
+                    time.time())
             return handler(level, upload)
         except (UserError, DatabaseBusy) as error:
             server_log.warning("legacy client %a (worker %s): %s: %s",
-                               self.client, self.worker_id, command, error)
+                               self.client, self.worker_id, command,
+                               printable(str(error)))
             if command in ("getjob", "getbatch"):
                 return ["command=sleep"]
             return ["status=error"]
@@ -5135,7 +5263,8 @@ class LegacyProtocol:
         try:
             try:
                 convert_legacy_upload(upload, job, task, converted,
-                                      lambda: self.farm.temp_path(".tmp"))
+                                      lambda: self.farm.temp_path(".tmp"),
+                                      self.farm.max_result_bytes)
                 self.farm.deliver(task["id"], batch["attempt"], converted)
             except Conflict:
                 raise
@@ -5158,8 +5287,8 @@ LEGACY_COMMANDS = ("hello", "getjob", "getbatch", "postbatch", "abortbatch",
 
 def version_tuple(text):
     """Turn "2.1" into (2, 1); parts that are not numbers count as 0."""
-    return tuple(int(part) if part.isdigit() else 0
-                 for part in text.split(".") if part != "")
+    return tuple(int(part) if part.isdigit() and len(part) < 10 else 0
+                 for part in text.split(".")[:10] if part != "")
 
 
 # ===========================================================================

@@ -189,6 +189,10 @@ class SettingsTest(unittest.TestCase):
         with self.assertRaisesRegex(httpov.UserError, "shell command"):
             httpov.read_ini_text("Pre_Scene_Command=rm -rf /\n")
 
+    def test_ini_rejects_include_ini(self):
+        with self.assertRaisesRegex(httpov.UserError, "Include_Ini"):
+            httpov.read_ini_text("Width=64\nInclude_Ini=extra.cfg\n")
+
     def test_ini_rejects_nested_ini(self):
         with self.assertRaisesRegex(httpov.UserError, "nested INI"):
             httpov.read_ini_text("other.ini\n")
@@ -358,6 +362,13 @@ class ArchiveTest(unittest.TestCase):
                 path = self.archive({name: b"x"})
                 with self.assertRaises(httpov.UserError):
                     httpov.inspect_archive(path)
+
+    def test_control_characters_rejected(self):
+        for name in ("a\nCreate_Ini=x.pov", "tab\there.inc", "bell\x07"):
+            with self.subTest(name=name):
+                with self.assertRaisesRegex(httpov.UserError,
+                                            "control character"):
+                    httpov.check_member_name(name)
 
     def test_symlink_rejected(self):
         path = os.path.join(self.folder, "link.zip")
@@ -694,6 +705,34 @@ class PngTest(unittest.TestCase):
         self.assertEqual(self.decode(target)[1], rows[1:4])
         image = Image.open(path)
         self.assertEqual(image.tobytes(), b"".join(rows))
+
+    def test_check_png_format(self):
+        path = self.write("rgb16.png", httpov.ImageInfo(4, 3, 16, 2),
+                          random_rows(4, 3, 6))
+        httpov.check_png(path, 4, 3, 16, False)
+        with self.assertRaisesRegex(httpov.ImageError, "expected 8 bits"):
+            httpov.check_png(path, 4, 3, 8, False)
+        with self.assertRaisesRegex(httpov.ImageError, "expected an alpha"):
+            httpov.check_png(path, 4, 3, 16, True)
+
+    def test_ppm_header_length_limited(self):
+        path = os.path.join(self.folder, "long.ppm")
+        with open(path, "wb") as out:
+            out.write(b"P6\n#" + b"x" * 100000 + b"\n4 3\n255\n")
+        started = time.time()
+        with self.assertRaisesRegex(httpov.ImageError, "longer than"):
+            httpov.ppm_to_png(path, os.path.join(self.folder, "l.png"))
+        self.assertLess(time.time() - started, 1)
+
+    def test_pgm_becomes_grey_png(self):
+        path = os.path.join(self.folder, "grey.pgm")
+        pixels = bytes(range(12))
+        with open(path, "wb") as out:
+            out.write(b"P5\n4 3\n255\n" + pixels)
+        target = os.path.join(self.folder, "grey.png")
+        info = httpov.ppm_to_png(path, target, 2, 3)
+        self.assertEqual(info.describe(), "4x2 grey 8-bit")
+        self.assertEqual(decode_rows(target)[1], pixels[4:])
 
     def test_ppm_16_bit(self):
         rows = random_rows(3, 2, 6, seed=4)
@@ -2571,6 +2610,18 @@ class JobPageTest(unittest.TestCase):
             url, b"", {"X-CSRF-Token": csrf}), timeout=10)
         job = self.client.call("GET", "/api/jobs/%d" % self.job["id"])
         self.assertEqual(job["state"], "paused")
+
+    def test_public_viewer_gets_no_forms(self):
+        server = ServerProcess(os.path.join(self.folder, "public"),
+                               extra=["--public-status"])
+        self.addCleanup(server.stop)
+        client = server.client()
+        self.addCleanup(client.close)
+        job = client.upload("/api/jobs", self.zip())
+        page = urllib.request.urlopen(server.url + "jobs/%d" % job["id"],
+                                      timeout=10).read().decode()
+        self.assertIn("<h1>Job %d" % job["id"], page)
+        self.assertNotIn("csrf", page)
 
     def test_mp4_needs_ffmpeg(self):
         if shutil.which("ffmpeg"):
@@ -5462,6 +5513,98 @@ class PythonClient(LegacyClient):
         return host, port, ""
 
 
+def legacy_job_row(**changes):
+    """A jobs row as section 7 reads it."""
+    row = {"id": 7, "name": "demo", "root": "", "ini": None,
+           "first_frame": 1, "frame_count": 2, "povray_options": "[]",
+           "row_ranges": "[[1, 48]]",
+           "settings": json.dumps({"width": 64, "height": 48, "depth": 8,
+                                   "alpha": False, "animated": True,
+                                   "initial_frame": 1, "final_frame": 2,
+                                   "initial_clock": 0.0, "final_clock": 1.0,
+                                   "cyclic": False, "input_file": "s.pov"})}
+    row.update(changes)
+    return row
+
+
+class LegacyUnitTest(unittest.TestCase):
+    """The pieces of section 7 that need no server."""
+
+    def setUp(self):
+        self.folder = make_temp_dir(prefix="httpov-legacy-unit-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+
+    def convert(self, members, job=None, frames=(1, 1)):
+        upload = os.path.join(self.folder, "upload.zip")
+        with open(upload, "wb") as out:
+            out.write(members if isinstance(members, bytes)
+                      else zip_bytes(list(members.items())))
+        task = {"frame_first": frames[0], "frame_last": frames[1],
+                "row_first": 1, "row_last": 48}
+        counter = iter(range(1000))
+        httpov.convert_legacy_upload(
+            upload, job or legacy_job_row(), task,
+            os.path.join(self.folder, "result.zip"),
+            lambda: os.path.join(self.folder, "t%d" % next(counter)))
+
+    def test_reports_read_up_to_log_limit(self):
+        members = {"r/%d/batchreport.txt" % number: b"A" * 65536
+                   for number in range(200)}
+        path = os.path.join(self.folder, "reports.zip")
+        with open(path, "wb") as out:
+            out.write(zip_bytes(list(members.items())))
+        with zipfile.ZipFile(path) as archive:
+            log = httpov.read_legacy_log(archive, archive.namelist())
+        self.assertEqual(len(log), httpov.MAX_LOG_BYTES)
+
+    def test_frame_larger_than_a_png_rejected(self):
+        members = {"7-demo_0.png": httpov.PNG_SIGNATURE + bytes(8 << 20)}
+        with self.assertRaisesRegex(httpov.TooLarge, "unpacks to"):
+            self.convert(members)
+
+    def test_unknown_compression_rejected(self):
+        data = bytearray(zip_bytes([("7-demo_0.png", b"x" * 10)]))
+        data[8:10] = struct.pack("<H", 97)
+        central = data.index(b"PK\x01\x02")
+        data[central + 10:central + 12] = struct.pack("<H", 97)
+        with self.assertRaisesRegex(httpov.UserError, "NotImplemented"):
+            self.convert(bytes(data))
+
+    def test_slice_of_other_frame_rejected(self):
+        job = legacy_job_row(row_ranges="[[1, 32], [33, 48]]")
+        with self.assertRaisesRegex(httpov.UserError,
+                                    "7-demo_frame_00000000/slice_0000"):
+            self.convert({"7-demo_frame_00000001/slice_0000.ppm":
+                          b"P6\n64 48\n255\n"}, job)
+
+    def test_layout_keeps_pov_ini_the_farms(self):
+        job = legacy_job_row(root="scene/", ini="pov.ini")
+        names = ["scene/pov.ini", "scene/httpov-job.ini", "scene/POV.INI",
+                 "scene/s.pov", "other/x.inc", "scene/sub/"]
+        layout, ini = httpov.legacy_layout(names, job)
+        self.assertEqual(ini, "httpov-job-2.ini")
+        self.assertEqual(layout, {"scene/pov.ini": "httpov-job-2.ini",
+                                  "scene/httpov-job.ini": "httpov-job.ini",
+                                  "scene/s.pov": "s.pov"})
+
+    def test_pov_ini_keeps_clocks(self):
+        job = legacy_job_row(first_frame=3, frame_count=4)
+        settings = json.loads(job["settings"])
+        settings.update(initial_frame=1, final_frame=11, cyclic=True)
+        job["settings"] = json.dumps(settings)
+        text = httpov.legacy_pov_ini(job, None)
+        self.assertIn("Initial_Frame=0\nFinal_Frame=4\n", text)
+        first = float(re.search(r"Initial_Clock=(\S+)", text).group(1))
+        last = float(re.search(r"Final_Clock=(\S+)", text).group(1))
+        # Cyclic frames 1-11 step the clock by 1/11; frame 3 is 2/11.
+        self.assertAlmostEqual(first, 2 / 11)
+        self.assertAlmostEqual((last - first) / 4, 1 / 11)
+
+    def test_version_with_huge_number(self):
+        self.assertEqual(httpov.version_tuple("1." + "9" * 5000), (1, 0))
+        self.assertEqual(httpov.version_tuple("2.2.1"), (2, 2, 1))
+
+
 @needs_povray
 class LegacyProtocolTest(unittest.TestCase):
     """Old HTTPov clients, emulated as the documented protocol describes,
@@ -5693,6 +5836,17 @@ class LegacyProtocolTest(unittest.TestCase):
                         "level 1 clients are told to upgrade")
         status, _, text = self.raw("/legacy/version?version=2.2")
         self.assertEqual(text, "clientver=2.2.1\n")
+        status, _, _ = self.raw(base + "command=getbatch&job=%d&version=1.2"
+                                % job_id, "HEAD")
+        self.assertEqual(status, 405, "HEAD must not lease a task")
+        status, kind, text = self.raw(base + "command=postbatch&job=1"
+                                      "&batch=1&version=1.2", "POST")
+        self.assertEqual((status, kind, text),
+                         (200, "text/plain; charset=utf-8",
+                          "status=error\n"))
+        workers = self.client.call("GET", "/api/workers")["workers"]
+        self.assertEqual([worker["name"] for worker in workers], ["box:7"],
+                         "hello and abort register no worker")
 
     def test_alpha_slices_are_not_offered(self):
         self.start_server("--legacy-clients", "127.0.0.1")
