@@ -138,6 +138,7 @@ MAX_TASKS = 2000000               # tasks in one job
 MAX_LOG_BYTES = 64 * 1024         # tail of POV-Ray's output kept per task
 MAX_POVRAY_OPTIONS = 100          # POV-Ray options given at submit
 HTTP_TIMEOUT_SECONDS = 60         # socket timeout of server and client
+CLIENT_IDLE_SECONDS = 15          # clients reuse connections idle less
 HEADER_TIMEOUT_SECONDS = 20       # request line and headers, and idle
                                   # keep-alive connections
 MIN_UPLOAD_BYTES_PER_SECOND = 64 * 1024  # slower bodies are cut off
@@ -1727,7 +1728,7 @@ class Database:
                  plan["first_frame"], plan["last_frame"],
                  json.dumps(plan["row_ranges"]), plan["task_count"],
                  frame_count, now,
-                 int(plan["sliced"] or not plan["frames_per_task"])))
+                 int(not plan["frames_per_task"])))
             job_id = cursor.lastrowid
             tasks = plan_tasks(plan["first_frame"], plan["last_frame"],
                                plan["row_ranges"], plan["frames_per_task"])
@@ -1749,6 +1750,14 @@ class Database:
 
     def jobs(self):
         return self.query("SELECT * FROM jobs ORDER BY id")
+
+    def rows_done(self, job_id):
+        """Return the frame rows that done tasks of a job rendered."""
+        row = self.query_one(
+            "SELECT SUM((frame_last - frame_first + 1) *"
+            " (row_last - row_first + 1)) FROM tasks WHERE job_id = ? AND"
+            " state = 'done'", (job_id,))
+        return row[0] or 0
 
     def task_counts(self, job_id):
         rows = self.query("SELECT state, COUNT(*) AS n FROM tasks"
@@ -2573,6 +2582,8 @@ class Farm:
             "tasks_running": counts["leased"],
             "tasks_queued": counts["queued"],
             "tasks_failed": counts["failed"],
+            "progress": round(self.db.rows_done(job["id"]) / max(
+                job["frame_count"] * settings["height"], 1), 4),
             "error": job["error"],
             "created": job["created"],
             "started": job["started"],
@@ -3894,32 +3905,36 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         return any(address in network
                    for network in self.farm.legacy_networks)
 
-    def legacy_refused(self):
+    def legacy_refused(self, status):
+        """Reject a client outside --legacy-clients. The protocol's own
+        replies are always status 200, and old clients print the error
+        line of one; archive downloads get the HTTP status."""
         server_log.warning("HTTPov client at %s rejected: its address is "
                            "not in --legacy-clients", self.address_string())
         self.send_legacy(["error=this server does not accept HTTPov clients "
                           "from %s; use the address with the worker token "
                           "(/legacy/TOKEN/) or start serve with "
-                          "--legacy-clients" % self.client_address[0]], 403)
+                          "--legacy-clients" % self.client_address[0]],
+                         status)
 
-    def legacy_token_valid(self, token):
+    def legacy_token_valid(self, token, status):
         if hmac.compare_digest(token.encode(),
                                self.farm.tokens["worker"].encode()):
             return True
         server_log.warning("HTTPov client at %s: invalid token in the "
                            "address", self.address_string())
         self.send_legacy(["error=the server address holds no valid worker "
-                          "token; see 'httpov.py token'"], 401)
+                          "token; see 'httpov.py token'"], status)
         return False
 
     def legacy_root(self):
         if not self.legacy_from_network():
-            self.legacy_refused()
+            self.legacy_refused(200)
             return
         self.legacy_command()
 
     def legacy_token(self, token):
-        if self.legacy_token_valid(token):
+        if self.legacy_token_valid(token, 200):
             self.legacy_command()
 
     def legacy_command(self):
@@ -3966,12 +3981,12 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def legacy_root_archive(self, job_id, name):
         if not self.legacy_from_network():
-            self.legacy_refused()
+            self.legacy_refused(403)
             return
         self.legacy_send_archive(job_id, name)
 
     def legacy_token_archive(self, token, job_id, name):
-        if self.legacy_token_valid(token):
+        if self.legacy_token_valid(token, 401):
             self.legacy_send_archive(job_id, name)
 
     def legacy_send_archive(self, job_id, name):
@@ -4264,7 +4279,7 @@ PAGE_SCRIPT = r"""
   }
 
   function percent(job) {
-    return 100 * job.tasks_done / Math.max(job.tasks, 1);
+    return 100 * job.progress;
   }
 
   function bar(job) {
@@ -4380,9 +4395,9 @@ PAGE_SCRIPT = r"""
     summary.textContent = "State ";
     summary.appendChild(node("b", job.state));
     summary.appendChild(document.createTextNode(
-      ", " + percent(job).toFixed(0) + "%% of " + job.tasks +
-      " tasks, frames " + job.frames_done + " / " + job.frames + ", " +
-      job.width + "x" + job.height + ", elapsed " +
+      ", " + percent(job).toFixed(0) + "%% done, tasks " + job.tasks_done +
+      " / " + job.tasks + ", frames " + job.frames_done + " / " +
+      job.frames + ", " + job.width + "x" + job.height + ", elapsed " +
       duration(job.elapsed_seconds) + ", about " +
       duration(job.left_seconds) + " left."));
     document.getElementById("error").textContent = job.error || "";
@@ -4490,6 +4505,10 @@ PAGE_SCRIPT = r"""
     var action = event.submitter ? event.submitter.value : "update";
     var done;
     event.preventDefault();
+    if (action === "delete" &&
+        !confirm("Delete job " + job + " and all its frames?")) {
+      return;
+    }
     if (action === "update") {
       done = send("/api/jobs/" + job, {
         headers: {"Content-Type": "application/json"},
@@ -4567,11 +4586,10 @@ def job_timing(job, now):
         return None, None
     end = job["finished"] or now
     elapsed = end - job["started"]
-    done = job["tasks_done"]
+    done = job["progress"]
     if job["finished"] or not done:
         return elapsed, None
-    left = job["tasks"] - done
-    return elapsed, elapsed / done * left
+    return elapsed, elapsed / done * (1 - done)
 
 
 def render_submit_page(csrf):
@@ -4702,14 +4720,15 @@ def job_links(job):
 def render_job_page(job, tasks, csrf):
     """Return the HTML of a job's page; every value is escaped."""
     escape = html.escape
-    fraction = job["tasks_done"] / max(job["tasks"], 1)
+    fraction = job["progress"]
     parts = [page_head("httpov job %d" % job["id"],
                        " data-job='%d'" % job["id"]),
              "<p><a href='/'>all jobs</a></p>",
              "<h1>Job %d: %s</h1>" % (job["id"], escape(job["name"])),
-             "<p id='summary'>State <b>%s</b>, %.0f%% of %d tasks, frames "
-             "%d / %d, %dx%d, elapsed %s, about %s left.</p>"
-             % (escape(job["state"]), 100 * fraction, job["tasks"],
+             "<p id='summary'>State <b>%s</b>, %.0f%% done, tasks %d / %d, "
+             "frames %d / %d, %dx%d, elapsed %s, about %s left.</p>"
+             % (escape(job["state"]), 100 * fraction, job["tasks_done"],
+                job["tasks"],
                 job["frames_done"], job["frames"], job["width"],
                 job["height"], format_seconds(job["elapsed_seconds"]),
                 format_seconds(job["left_seconds"]))]
@@ -4817,7 +4836,7 @@ def render_status_page(jobs, workers):
         parts.append("<tr><td colspan='9'>No jobs yet. Submit one with "
                      "<code>httpov.py submit</code>.</td></tr>")
     for job in jobs:
-        fraction = job["tasks_done"] / max(job["tasks"], 1)
+        fraction = job["progress"]
         error = ("<div class='error'>%s</div>" % escape(job["error"])
                  if job["error"] else "")
         parts.append(
@@ -5340,6 +5359,7 @@ class ApiClient:
         self.token = token
         self.timeout = timeout
         self.connection = None
+        self.last_used = 0.0
         self.tls_context = None
         if self.scheme == "https":
             try:
@@ -5383,33 +5403,23 @@ class ApiClient:
                     os.fstat(body.fileno()).st_size)
         elif method in ("POST", "PUT"):
             headers["Content-Length"] = "0"
+        if self.connection is not None and time.monotonic() - \
+                self.last_used > CLIENT_IDLE_SECONDS:
+            # The server closes idle connections after
+            # HEADER_TIMEOUT_SECONDS. A request sent just then would fail
+            # without telling whether the server got it, so start anew.
+            self.close()
         try:
-            reused = self.connection is not None
             connection = self.connect()
-            try:
-                connection.request(method, self.prefix + path, body,
-                                   headers)
-                response = connection.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError,
-                    ConnectionResetError):
-                if not reused:
-                    raise
-                # The server closed the idle keep-alive connection (after
-                # HEADER_TIMEOUT_SECONDS) before it read this request, so
-                # sending it again on a new connection is safe.
-                self.close()
-                if body is not None and not isinstance(body, bytes):
-                    body.seek(0)
-                connection = self.connect()
-                connection.request(method, self.prefix + path, body,
-                                   headers)
-                response = connection.getresponse()
+            connection.request(method, self.prefix + path, body, headers)
+            response = connection.getresponse()
             if target is not None and response.status == 200:
                 with open(target, "wb") as out:
                     shutil.copyfileobj(response, out, COPY_CHUNK_BYTES)
                 data = b""
             else:
                 data = response.read()
+            self.last_used = time.monotonic()
             if response.getheader("Connection", "").lower() == "close":
                 self.close()
         except ssl.SSLError as error:
@@ -6508,6 +6518,9 @@ def task_label(task):
                                         task["job_name"][:30], frames)
 
 
+ROOT_WORKDIR = "/var/tmp/httpov-worker"  # work folder of root's workers
+
+
 def default_workdir():
     return os.path.join(os.path.expanduser("~"), ".httpov", "worker")
 
@@ -6612,10 +6625,14 @@ def token_from(args):
 
 
 def format_job_line(job):
-    progress = 100.0 * job["tasks_done"] / max(job["tasks"], 1)
-    return ("%5d  %-10s %5.1f%%  frames %d/%d  tasks %d/%d  %s"
+    progress = 100.0 * job["progress"]
+    slices = ""
+    if job["slices_per_frame"] > 1:
+        slices = "  %d slices/frame" % job["slices_per_frame"]
+    return ("%5d  %-10s %5.1f%%  frames %d/%d  tasks %d/%d%s  %s"
             % (job["id"], job["state"], progress, job["frames_done"],
-               job["frames"], job["tasks_done"], job["tasks"], job["name"]))
+               job["frames"], job["tasks_done"], job["tasks"], slices,
+               job["name"]))
 
 
 def fetch_frames(client, job, output_dir, fetched):
@@ -6745,6 +6762,10 @@ def find_povray(povray):
 def command_work(args):
     """Run ``--tasks`` workers in one process; they split the threads."""
     args.povray = find_povray(args.povray)
+    if args.workdir is None and hasattr(os, "geteuid") and \
+            os.geteuid() == 0:
+        # The render user cannot enter root's home folder.
+        args.workdir = ROOT_WORKDIR
     threads = args.threads or os.cpu_count() or 1
     name = args.name or socket.gethostname()
     workers = []
@@ -6983,7 +7004,7 @@ def show_render_progress(job, elapsed, last_line):
     On a terminal the line is rewritten in place. Elsewhere (a log
     file) a line is printed only when the numbers change.
     """
-    fraction = job["tasks_done"] / max(job["tasks"], 1)
+    fraction = job["progress"]
     line = ("%s: %3.0f%%  frames %d/%d  tasks %d/%d (%d running)"
             % (job["name"][:30], 100 * fraction, job["frames_done"],
                job["frames"], job["tasks_done"], job["tasks"],
@@ -7202,8 +7223,8 @@ def build_parser():
     work.add_argument("--threads", type=positive_int, metavar="N",
                       help="render threads (default: every core)")
     work.add_argument("--workdir", metavar="DIR",
-                      help="cache and scratch folder (default %s)"
-                      % default_workdir())
+                      help="cache and scratch folder (default %s, or "
+                      "%s as root)" % (default_workdir(), ROOT_WORKDIR))
     work.add_argument("--tasks", type=positive_int, default=1, metavar="N",
                       help="render N tasks at once, splitting the threads "
                       "between them, to hide POV-Ray's start-up time "

@@ -1253,6 +1253,19 @@ class EndToEndTest(unittest.TestCase):
         self.assertIn(b"acTL", data)
 
     @needs_tool("ffmpeg")
+    def test_client_reconnects_after_idle(self):
+        client = self.server.client()
+        self.addCleanup(client.close)
+        client.call("GET", "/api/jobs")
+        first = client.connection
+        client.call("GET", "/api/jobs")
+        self.assertIs(client.connection, first, "keep-alive is used")
+        client.last_used -= httpov.CLIENT_IDLE_SECONDS + 1
+        client.call("GET", "/api/jobs")
+        self.assertIsNot(client.connection, first,
+                         "a connection the server may have closed is "
+                         "not reused")
+
     def test_mp4_of_animation(self):
         job_id = self.submit(os.path.join(EXAMPLES, "animation"),
                              "--frames", "1-4")
@@ -5782,21 +5795,26 @@ class LegacyProtocolTest(unittest.TestCase):
     def test_access_needs_token_or_network(self):
         self.start_server()
         query = "command=hello&client=a:1&version=1.2"
+        # The protocol's replies are status 200; old clients then print
+        # the error line and exit.
         status, kind, text = self.raw("/httpov.php?" + query)
-        self.assertEqual((status, kind), (403, "text/plain; charset=utf-8"))
+        self.assertEqual((status, kind), (200, "text/plain; charset=utf-8"))
         self.assertTrue(text.startswith("error=this server does not accept"))
         status, _, text = self.raw("/legacy/%s/httpov.php?%s"
                                    % ("x" * 64, query))
-        self.assertEqual(status, 401)
+        self.assertEqual(status, 200)
         self.assertTrue(text.startswith("error=the server address holds"))
+        status, _, _ = self.raw("/legacy/%s/jobs/1-x.zip" % ("x" * 64))
+        self.assertEqual(status, 401)
         status, _, text = self.raw("/legacy/%s/httpov.php?%s"
                                    % (self.server.worker, query))
         self.assertEqual((status, text),
                          (200, "message=httpov %s ready.\n"
                           % httpov.__version__))
-        status, _, _ = self.raw("/legacy/%s/httpov.php?%s"
-                                % (self.server.admin, query))
-        self.assertEqual(status, 401, "the admin token is not for workers")
+        status, _, text = self.raw("/legacy/%s/httpov.php?%s"
+                                   % (self.server.admin, query))
+        self.assertTrue(text.startswith("error="),
+                        "the admin token is not for workers")
         with open(self.server.log_path) as log:
             self.assertNotIn(self.server.worker, log.read())
 
@@ -6376,7 +6394,7 @@ class ClusterExamplesTest(unittest.TestCase):
         if url is not None:
             env["HTTPOV_URL"] = url
         if token is not None:
-            env["HTTPOV_TOKEN"] = token
+            env["HTTPOV_WORKER_TOKEN"] = token
         return env
 
     def record_slurm_script(self):
@@ -6389,6 +6407,7 @@ class ClusterExamplesTest(unittest.TestCase):
         env.pop("HTTPOV_URL", None)
         env.update(self.recording_environment())
         env["HTTPOV_TOKEN_FILE"] = token_file
+        env["HTTPOV_TOKEN"] = "admin-token-of-the-shell"
         result = subprocess.run(
             ["bash", os.path.join(CLUSTER, SLURM)], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

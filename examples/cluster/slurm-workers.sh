@@ -5,7 +5,7 @@
 #SBATCH --job-name=httpov-workers
 #SBATCH --array=1-8
 #SBATCH --cpus-per-task=4
-#SBATCH --mem-per-cpu=1G
+#SBATCH --mem-per-cpu=2G
 #SBATCH --time=04:00:00
 #SBATCH --output=httpov-worker-%A_%a.log
 # Send SIGTERM to this script (B:) 120 s before the time limit, so that
@@ -16,11 +16,12 @@ set -euo pipefail
 
 url=${HTTPOV_URL:-http://farm.example:8080/}
 httpov=${HTTPOV_PY:-$HOME/httpov/httpov.py}
-if [ -z "${HTTPOV_TOKEN:-}" ]; then
-    # A file keeps the worker token out of the job's command line.
-    HTTPOV_TOKEN=$(cat "${HTTPOV_TOKEN_FILE:-$HOME/.config/httpov/worker-token}")
-    export HTTPOV_TOKEN
-fi
+# The worker token comes from a file, which keeps it off the job's command
+# line. HTTPOV_TOKEN from the submitting shell is not used: sbatch passes
+# it on, and there it is often the admin token.
+token_file=${HTTPOV_TOKEN_FILE:-$HOME/.config/httpov/worker-token}
+HTTPOV_TOKEN=${HTTPOV_WORKER_TOKEN:-$(cat "$token_file")}
+export HTTPOV_TOKEN
 
 # Node-local work folder, removed when this script exits.
 workdir=${TMPDIR:-/tmp}/httpov-worker-${SLURM_JOB_ID:-$$}
