@@ -6886,11 +6886,6 @@ def command_fetch(args):
 
 def command_job(args):
     client = client_from(args)
-    if args.action is None and args.priority is None and \
-            args.max_workers is None:
-        raise CommandError("nothing to do: give an action (pause, resume, "
-                           "cancel, retry, delete) or --priority or "
-                           "--max-workers")
     changes = {}
     if args.priority is not None:
         changes["priority"] = args.priority
@@ -7327,6 +7322,11 @@ def main(argv=None):
                              "options after --, as in 'submit URL PATH -- "
                              "+W640 +H480'" % misplaced[0])
     args = build_parser().parse_args(argv)
+    if args.command == "job" and args.action is None and \
+            args.priority is None and args.max_workers is None:
+        build_parser().error("job: nothing to do; give an action (pause, "
+                             "resume, cancel, retry, delete) or --priority "
+                             "or --max-workers")
     args.povray_options = povray_options
     if povray_options and args.command not in ("submit", "render"):
         build_parser().error("POV-Ray options after -- are only for submit "

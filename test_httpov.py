@@ -606,13 +606,13 @@ class PngTest(unittest.TestCase):
                  for index, rows in enumerate(frames)]
         target = os.path.join(self.folder, "anim.png")
         httpov.write_apng(target, paths, delay_ms=100)
-        image = Image.open(target)
-        self.assertEqual(getattr(image, "n_frames", 1), 3)
-        for index, rows in enumerate(frames):
-            image.seek(index)
-            self.assertEqual(image.convert("RGBA").tobytes(),
-                             b"".join(rows), "frame %d" % index)
-        self.assertEqual(image.info.get("duration"), 100)
+        with Image.open(target) as image:
+            self.assertEqual(getattr(image, "n_frames", 1), 3)
+            for index, rows in enumerate(frames):
+                image.seek(index)
+                self.assertEqual(image.convert("RGBA").tobytes(),
+                                 b"".join(rows), "frame %d" % index)
+            self.assertEqual(image.info.get("duration"), 100)
 
     @needs_tool("ffmpeg")
     def test_mp4_pads_odd_sizes(self):
@@ -1066,6 +1066,11 @@ class CommandLineTest(unittest.TestCase):
             "..\\output\\frame")
         self.assertEqual(httpov.windows_output_base(
             "D:\\out\\frame", "C:\\scene", ntpath), "D:\\out\\frame")
+
+    def test_job_without_action_is_usage_error(self):
+        result = run_cli("job", "http://127.0.0.1:9/", "6")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("nothing to do", result.stderr)
 
     def test_exit_by_signal_is_named(self):
         self.assertIn("SIGKILL", httpov.describe_exit(-9))
