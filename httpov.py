@@ -27,8 +27,10 @@ Task life cycle
 Storage
     The data folder contains ``httpov.sqlite3`` (WAL mode), ``tokens.json``,
     job archives under ``archives/<sha256>.zip``, finished frames under
-    ``frames/<job>/`` and slices waiting to be stitched under ``slices/``.
-    Every file is written to ``tmp/`` first and renamed into place.
+    ``frames/<job>/``, slices waiting to be stitched under ``slices/`` and
+    the archives that old clients download under ``legacy/<job>/``.
+    Every file is written under a temporary name first (mostly in
+    ``tmp/``) and renamed into place.
 
 Security model
     ``serve`` creates two random tokens on first start. The admin token
@@ -36,11 +38,14 @@ Security model
     only claims tasks, downloads archives and delivers results. Every API
     call without a valid token gets 401. The status page takes the admin
     token once in its query string and then uses an HttpOnly cookie, which
-    is accepted for reading only. Archives are checked before they are
+    allows reading; changes also need the page's CSRF token. Archives are checked before they are
     stored or unpacked (no absolute paths, no "..", no links, size and
     file-count limits), and no name from a request becomes a path on disk
     unchecked. A scene is a program that POV-Ray 3.7 does not confine, so
-    run workers as a user that owns no secrets.
+    run workers as a user that owns no secrets. The HTTPov 0.9 protocol
+    of old clients carries no token: it is served only under a path that
+    contains the worker token, or at the root to the networks named by
+    ``serve --legacy-clients``.
 
 Sections of this file, in the order data flows through them
     1. Constants and errors

@@ -5871,6 +5871,21 @@ class LegacyProtocolTest(unittest.TestCase):
         self.assertEqual([worker["name"] for worker in workers], ["box:7"],
                          "hello and abort register no worker")
 
+    def test_idle_clients_back_off_then_render(self):
+        self.start_server()
+        idle = self.old_client(BashClient, max_sleeps=6, sleep_cap=16,
+                               time_scale=0.01)
+        idle.join(60)
+        self.assertEqual(idle.exit_reason, "stopped")
+        self.assertEqual(idle.sleeps, [2, 4, 8, 16, 16, 16])
+        self.assertEqual({exchange.text for exchange in
+                          idle.requests("getjob")}, {"command=sleep\n"})
+        self.assertEqual(idle.violations, [])
+        job_id = self.sphere_job("--", "+W48", "+H32")
+        self.old_client(BashClient)
+        job = wait_for_job(self.client, job_id, 60)
+        self.assertEqual(job["state"], "done", job["error"])
+
     def test_alpha_slices_are_not_offered(self):
         self.start_server("--legacy-clients", "127.0.0.1")
         self.sphere_job("--slices", "2", "--", "+W48", "+H64", "+UA")
