@@ -38,14 +38,14 @@ Security model
     only claims tasks, downloads archives and delivers results. Every API
     call without a valid token gets 401. The status page takes the admin
     token once in its query string and then uses an HttpOnly cookie, which
-    allows reading; changes also need the page's CSRF token. Archives are checked before they are
-    stored or unpacked (no absolute paths, no "..", no links, size and
-    file-count limits), and no name from a request becomes a path on disk
-    unchecked. A scene is a program that POV-Ray 3.7 does not confine, so
-    run workers as a user that owns no secrets. The HTTPov 0.9 protocol
-    of old clients carries no token: it is served only under a path that
-    contains the worker token, or at the root to the networks named by
-    ``serve --legacy-clients``.
+    allows reading; changes also need the page's CSRF token. Archives are
+    checked before they are stored or unpacked (no absolute paths, no
+    "..", no links, size and file-count limits), and no name from a
+    request becomes a path on disk unchecked. A scene is a program that
+    POV-Ray 3.7 does not confine, so run workers as a user that owns no
+    secrets. The HTTPov 0.9 protocol of old clients carries no token: it
+    is served only under a path that contains the worker token, or at the
+    root to the networks named by ``serve --legacy-clients``.
 
 Sections of this file, in the order data flows through them
     1. Constants and errors
@@ -292,6 +292,11 @@ def write_file_atomically(path, data):
     """Write bytes to ``path`` through a temporary file and a rename."""
     with atomic_output(path) as out:
         out.write(data)
+
+
+def plural(number, noun):
+    """Return "1 frame" or "3 frames"."""
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
 
 
 def printable(text, limit=500):
@@ -2559,10 +2564,10 @@ class Farm:
             os.replace(upload_path, target)
         job_id = self.db.create_job(plan, archive_sha, self.max_attempts,
                                     time.time())
-        server_log.info("job %d %r submitted: %d frames, %d tasks",
-                        job_id, plan["name"],
-                        plan["last_frame"] - plan["first_frame"] + 1,
-                        plan["task_count"])
+        frames = plan["last_frame"] - plan["first_frame"] + 1
+        server_log.info("job %d %r submitted: %s, %s", job_id, plan["name"],
+                        plural(frames, "frame"),
+                        plural(plan["task_count"], "task"))
         return self.job_summary(self.db.job(job_id))
 
     def job_summary(self, job, detail=False):
@@ -3729,7 +3734,10 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         # Browsers ask for it on every page; no icon, and no 404 noise.
         self.send_bytes(b"", "image/x-icon", 204)
 
-    def page_status(self):
+    def logged_in(self):
+        """Handle a login link (?token=ADMIN) on any page: store the
+        session cookie and reload the page without the token. Return
+        True when the page may be shown; otherwise a response is sent."""
         token = self.query_value("token")
         if token is not None:
             if not hmac.compare_digest(token.encode(),
@@ -3740,16 +3748,22 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                                          "invalid.")
                 self.send_bytes(page.encode(), "text/html; charset=utf-8",
                                 401)
-                return
+                return False
             cookie = ("%s=%s; HttpOnly; SameSite=Strict; Path=/"
                       % (SESSION_COOKIE, self.farm.session))
+            # The path matched a page route, so it is one of ours.
+            location = urllib.parse.urlsplit(self.path).path
             self.send_bytes(b"", "text/plain", 303,
-                            {"Location": "/", "Set-Cookie": cookie})
-            return
-        if not self.farm.public_status and not self.has_session() and \
-                not self.is_admin_request():
-            page = render_login_page()
-            self.send_bytes(page.encode(), "text/html; charset=utf-8", 401)
+                            {"Location": location, "Set-Cookie": cookie})
+            return False
+        if not self.may_read_pages():
+            self.send_bytes(render_login_page().encode(),
+                            "text/html; charset=utf-8", 401)
+            return False
+        return True
+
+    def page_status(self):
+        if not self.logged_in():
             return
         jobs = [self.farm.job_summary(job, detail=True)
                 for job in self.farm.db.jobs()]
@@ -3762,9 +3776,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             self.is_admin_request()
 
     def page_job(self, job_id):
-        if not self.may_read_pages():
-            self.send_bytes(render_login_page().encode(),
-                            "text/html; charset=utf-8", 401)
+        if not self.logged_in():
             return
         job = self.farm.job_summary(self.farm.db.job(int(job_id)),
                                     detail=True)
@@ -3778,9 +3790,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(page.encode(), "text/html; charset=utf-8", 200)
 
     def page_task(self, job_id, task_id):
-        if not self.may_read_pages():
-            self.send_bytes(render_login_page().encode(),
-                            "text/html; charset=utf-8", 401)
+        if not self.logged_in():
             return
         task = self.farm.db.task(int(task_id))
         if task["job_id"] != int(job_id):
@@ -3833,6 +3843,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(b"", "text/plain", 303, {"Location": target})
 
     def page_submit(self):
+        if not self.logged_in():
+            return
         if not self.has_session() and not self.is_admin_request():
             self.send_bytes(render_login_page().encode(),
                             "text/html; charset=utf-8", 401)
@@ -6680,7 +6692,8 @@ def command_serve(args):
                                 max_connections=args.max_connections,
                                 tls_context=tls_context)
     except (OSError, OverflowError) as error:
-        raise CommandError("cannot listen on %s port %d: %s"
+        raise CommandError("cannot listen on %s port %d: %s; choose "
+                           "another --port or --bind"
                            % (args.bind, args.port, error))
     try:
         farm = Farm(args.data, lease_seconds=args.lease,
@@ -6720,8 +6733,8 @@ def command_serve(args):
     print("HTTPov 0.9 clients (Bash client server URL): %slegacy/%s"
           % (url, farm.tokens["worker"]))
     if farm.legacy_networks:
-        print("HTTPov 0.9 clients at the root (%s): %s"
-              % (", ".join(map(str, farm.legacy_networks)), url))
+        print("HTTPov 0.9 clients at the root (%s): server %s:%d"
+              % (", ".join(map(str, farm.legacy_networks)), host, port))
     sys.stdout.flush()
     server_log.info("listening on %s port %d", args.bind, port)
     try:
@@ -6824,8 +6837,8 @@ def command_submit(args):
                          args.povray_options)
     except ApiError as error:
         raise CommandError("submit rejected: %s" % error.message)
-    log.info("job %d %r: %d frames, %d tasks", job["id"], job["name"],
-             job["frames"], job["tasks"])
+    log.info("job %d %r: %s, %s", job["id"], job["name"],
+             plural(job["frames"], "frame"), plural(job["tasks"], "task"))
     print(job["id"])
     return 0
 
@@ -6961,9 +6974,10 @@ def command_render(args):
                                       name=worker.name)
             thread.start()
             pool.append((worker, thread))
-        log.info("rendering job %d %r: %d frames, %d tasks, %d workers "
-                 "with %d threads each", job["id"], job["name"],
-                 job["frames"], job["tasks"], workers, threads)
+        log.info("rendering job %d %r: %s, %s, %s with %s each",
+                 job["id"], job["name"], plural(job["frames"], "frame"),
+                 plural(job["tasks"], "task"), plural(workers, "worker"),
+                 plural(threads, "thread"))
         fetched = set()
         started = time.time()
         line = None

@@ -2629,6 +2629,15 @@ class JobPageTest(unittest.TestCase):
         job = self.client.call("GET", "/api/jobs/%d" % self.job["id"])
         self.assertEqual(job["state"], "paused")
 
+    def test_login_link_works_on_any_page(self):
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor())
+        page_url = self.server.url + "jobs/%d" % self.job["id"]
+        response = opener.open(page_url + "?token=" + self.server.admin,
+                               timeout=10)
+        self.assertEqual(response.geturl(), page_url)
+        self.assertIn("<h1>Job %d" % self.job["id"], response.read().decode())
+
     def test_public_viewer_gets_no_forms(self):
         server = ServerProcess(os.path.join(self.folder, "public"),
                                extra=["--public-status"])
