@@ -2593,6 +2593,17 @@ class JobPageTest(unittest.TestCase):
         job = self.client.call("GET", "/api/jobs/%d" % self.job["id"])
         self.assertEqual((job["priority"], job["max_workers"]), (7, 3))
 
+    def test_tasks_limit(self):
+        path = "/api/jobs/%d/tasks" % self.job["id"]
+        self.assertEqual(len(self.client.call("GET", path + "?limit=1")
+                             ["tasks"]), 1)
+        for limit in ("0", "x", "100001"):
+            with self.subTest(limit=limit):
+                with self.assertRaises(httpov.ApiError) as caught:
+                    self.client.call("GET", path + "?limit=" + limit)
+                self.assertEqual(caught.exception.status, 400)
+                self.assertIn("limit", caught.exception.message)
+
     def test_task_page_and_api(self):
         task = self.client.call("GET", "/api/jobs/%d/tasks"
                                 % self.job["id"])["tasks"][0]
