@@ -488,6 +488,10 @@ def read_povray_options(options):
         if "\n" in option or "\r" in option or "\0" in option:
             raise UserError("invalid POV-Ray option %r: it contains a "
                             "line break or NUL" % (option,))
+        if ";" in option:
+            raise UserError("invalid POV-Ray option %r: ';' starts a "
+                            "comment in POV-Ray settings; give each option "
+                            "as its own argument" % (option,))
         if re.search(r"\s", option):
             # POV-Ray splits an argument at white space again, so one
             # argument could smuggle in options that were never checked.
@@ -3358,13 +3362,16 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         if is_admin or (role == "worker" and is_worker):
             return
-        if role == "admin" and self.command == "GET" and (
+        if role == "admin" and self.command in ("GET", "HEAD") and (
                 self.farm.public_status or self.has_session()):
             return
         if role == "admin" and self.has_session() and self.csrf_header():
             # Another site's page cannot send this header without this
             # server's consent (CORS), so the request is the page's own.
             return
+        if token is None and self.has_session():
+            raise Unauthorized("missing or invalid X-CSRF-Token header: "
+                               "reload the page and try again")
         if token is None:
             raise Unauthorized("missing token: send the header "
                                "'Authorization: Bearer TOKEN' (see "
@@ -3515,7 +3522,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                                  for job in self.farm.db.jobs()]})
 
     def api_submit(self):
-        if self.headers.get("Content-Type", "").startswith(
+        if self.headers.get("Content-Type", "").lower().startswith(
                 "multipart/form-data"):
             self.send_json(self.submit_form(), 201)
             return
@@ -3616,6 +3623,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             remove_quietly(temp_path)
 
     def api_animation_mp4(self, job_id):
+        if self.command == "HEAD":
+            raise MethodNotAllowed("HEAD would encode the whole video; "
+                                   "use GET")
         program = ffmpeg_path()
         if not program:
             raise NotFound("ffmpeg is not installed on the server; install "
@@ -3732,7 +3742,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def favicon(self):
         # Browsers ask for it on every page; no icon, and no 404 noise.
-        self.send_bytes(b"", "image/x-icon", 204)
+        self.send_response(204)
+        self.send_security_headers()
+        self.end_headers()
 
     def logged_in(self):
         """Handle a login link (?token=ADMIN) on any page: store the
@@ -3749,8 +3761,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.send_bytes(page.encode(), "text/html; charset=utf-8",
                                 401)
                 return False
-            cookie = ("%s=%s; HttpOnly; SameSite=Strict; Path=/"
-                      % (SESSION_COOKIE, self.farm.session))
+            cookie = ("%s=%s; HttpOnly; SameSite=Strict; Path=/%s"
+                      % (SESSION_COOKIE, self.farm.session,
+                         "; Secure" if self.server.tls_context else ""))
             # The path matched a page route, so it is one of ours.
             location = urllib.parse.urlsplit(self.path).path
             self.send_bytes(b"", "text/plain", 303,
@@ -3862,8 +3875,11 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
     def submit_form(self):
         """Create a job from the submit page's multipart form; return the
         job's summary."""
-        match = re.match(r"^multipart/form-data;\s*boundary=\"?([^\";]+)",
-                         self.headers.get("Content-Type", ""))
+        if not self.has_session() and not self.is_admin_request():
+            self.close_connection = True
+            raise Unauthorized("log in first: open the login link that "
+                               "'httpov.py serve' printed")
+        match = MULTIPART_TYPE.match(self.headers.get("Content-Type", ""))
         if not match:
             raise UserError("expected a multipart/form-data upload")
         upload = self.read_body_to_file(
@@ -3979,8 +3995,7 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def legacy_upload(self, protocol):
         """Read a postbatch upload and run its command."""
-        match = re.match(r"^multipart/form-data;\s*boundary=\"?([^\";]+)",
-                         self.headers.get("Content-Type", ""))
+        match = MULTIPART_TYPE.match(self.headers.get("Content-Type", ""))
         if not match:
             raise UserError("expected a multipart/form-data upload")
         body = self.read_body_to_file(
@@ -4219,6 +4234,9 @@ PAGE_POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'; "
                "'self'; frame-ancestors 'none'; base-uri 'none'")
 MAX_GRID_TASKS = 5000             # tasks shown in a job page's grid
 MAX_LISTED_TASKS = 100000         # tasks in one response of the tasks API
+MAX_FORM_PARTS = 64               # fields of a multipart form
+MULTIPART_TYPE = re.compile(r"(?i)^multipart/form-data;.*?\bboundary="
+                            r"\"?([^\";]+)")
 STALE_WORKER_SECONDS = 30         # a worker polls or beats every 10 s
 TASK_COLOURS = {"queued": "#ccc", "leased": "#e9b949", "done": "#3a7",
                 "failed": "#c33"}
@@ -4527,11 +4545,17 @@ PAGE_SCRIPT = r"""
       return;
     }
     if (action === "update") {
+      var priority = form.elements.priority.value.trim();
+      var workers = form.elements.max_workers.value.trim();
+      if (!/^-?[0-9]{1,7}$/.test(priority) || !/^[0-9]{1,7}$/.test(workers)) {
+        document.getElementById("live").textContent =
+          "Priority and max workers must be whole numbers.";
+        return;
+      }
       done = send("/api/jobs/" + job, {
         headers: {"Content-Type": "application/json"},
-        body: JSON.stringify({
-          priority: Number(form.elements.priority.value),
-          max_workers: Number(form.elements.max_workers.value)})}, form);
+        body: JSON.stringify({priority: Number(priority),
+                              max_workers: Number(workers)})}, form);
     } else {
       done = send("/api/jobs/" + job + "/" + action, {}, form);
     }
@@ -4604,7 +4628,7 @@ def job_timing(job, now):
     end = job["finished"] or now
     elapsed = end - job["started"]
     done = job["progress"]
-    if job["finished"] or not done:
+    if job["finished"] or not done or job["state"] not in ACTIVE_JOB_STATES:
         return elapsed, None
     return elapsed, elapsed / done * (1 - done)
 
@@ -4644,6 +4668,7 @@ def parse_multipart(path, boundary, file_target, max_file_bytes,
     delimiter = b"\r\n--" + boundary
     fields = {}
     file_name = None
+    parts = 0
     with open(path, "rb") as source:
         buffer = b"\r\n" + source.read(COPY_CHUNK_BYTES)
         start = buffer.find(delimiter)
@@ -4667,6 +4692,10 @@ def parse_multipart(path, boundary, file_target, max_file_bytes,
                     raise UserError("multipart part headers are malformed")
                 buffer += more
             head, buffer = buffer.split(b"\r\n\r\n", 1)
+            parts += 1
+            if parts > MAX_FORM_PARTS:
+                raise UserError("multipart body has more than %d parts"
+                                % MAX_FORM_PARTS)
             disposition = ""
             for line in head.decode("utf-8", "replace").split("\r\n"):
                 if line.lower().startswith("content-disposition:"):
@@ -5752,6 +5781,27 @@ def render_user(name):
     return entry.pw_uid, entry.pw_gid
 
 
+def check_own_folder(path):
+    """Raise CommandError unless ``path`` is a real folder of this user
+    that no one else may write to.
+
+    Otherwise another local user could swap cached scenes or plant
+    links there, and a root worker would follow them.
+    """
+    if not hasattr(os, "geteuid"):
+        return
+    info = os.lstat(path)
+    # Root trusts no group; a user's own group is often only that user.
+    others = 0o022 if os.geteuid() == 0 else 0o002
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or \
+            info.st_mode & others:
+        raise CommandError(
+            "work folder %s is not safe: it must be a folder (not a link) "
+            "owned by this user (uid %d, not %d) that others cannot write "
+            "(mode %o); choose another --workdir"
+            % (path, os.geteuid(), info.st_uid, stat.S_IMODE(info.st_mode)))
+
+
 def chown_tree(path, uid, gid):
     os.chown(path, uid, gid)
     for folder, subfolders, files in os.walk(path):
@@ -5829,8 +5879,12 @@ class Worker:
         self.stop_now = threading.Event()
         self.process = None
         self.process_lock = threading.Lock()
+        os.makedirs(self.workdir, exist_ok=True)
+        check_own_folder(self.workdir)
         for folder in ("archives", "jobs", "tasks", "outbox"):
-            os.makedirs(os.path.join(self.workdir, folder), exist_ok=True)
+            path = os.path.join(self.workdir, folder)
+            os.makedirs(path, exist_ok=True)
+            check_own_folder(path)
         for folder in ("archives", "jobs", "outbox"):
             # Other jobs' scenes and results stay out of a scene's reach.
             os.chmod(os.path.join(self.workdir, folder), 0o700)
@@ -6535,7 +6589,7 @@ def task_label(task):
                                         task["job_name"][:30], frames)
 
 
-ROOT_WORKDIR = "/var/tmp/httpov-worker"  # work folder of root's workers
+ROOT_WORKDIR = "/var/lib/httpov-worker"  # work folder of root's workers
 
 
 def default_workdir():

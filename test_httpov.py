@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -208,6 +209,8 @@ class SettingsTest(unittest.TestCase):
     def test_options_reject_garbage(self):
         with self.assertRaisesRegex(httpov.UserError, "expected a switch"):
             httpov.read_povray_options(["scene"])
+        with self.assertRaisesRegex(httpov.UserError, "starts a comment"):
+            httpov.read_povray_options(["+W64;+O/tmp/x"])
         with self.assertRaisesRegex(httpov.UserError, "line break"):
             httpov.read_povray_options(["+W10\n+H10"])
 
@@ -2703,6 +2706,29 @@ class JobPageTest(unittest.TestCase):
         self.assertEqual(pixels, b"".join(rows) + bytes(8 * 40 * 3))
 
 
+class PageHelpersTest(unittest.TestCase):
+
+    def test_no_estimate_while_paused(self):
+        job = {"started": 100.0, "finished": None, "progress": 0.5,
+               "state": "running"}
+        self.assertEqual(httpov.job_timing(job, 200.0), (100.0, 100.0))
+        job["state"] = "paused"
+        self.assertEqual(httpov.job_timing(job, 200.0), (100.0, None))
+
+    def test_form_parts_limited(self):
+        folder = make_temp_dir()
+        self.addCleanup(shutil.rmtree, folder, True)
+        body = b"".join(b"--B\r\nContent-Disposition: form-data; "
+                        b"name=\"f%d\"\r\n\r\nx\r\n" % number
+                        for number in range(100)) + b"--B--\r\n"
+        path = os.path.join(folder, "form")
+        with open(path, "wb") as out:
+            out.write(body)
+        with self.assertRaisesRegex(httpov.UserError, "more than 64 parts"):
+            httpov.parse_multipart(path, b"B", os.path.join(folder, "f"),
+                                   1000)
+
+
 def multipart_body(fields, file_name, file_data):
     """Encode a multipart/form-data body; return (content type, bytes)."""
     boundary = "----httpov-test-boundary"
@@ -2766,6 +2792,19 @@ class SubmitPageTest(unittest.TestCase):
             self.post({"csrf": "wrong"}, "ball.pov", SPHERE_SCENE)
         self.assertEqual(caught.exception.code, 401)
         self.assertEqual(self.client.call("GET", "/api/jobs")["jobs"], [])
+
+    def test_submit_without_session_reads_no_body(self):
+        # A declared 100 MB body that never comes: the answer must not
+        # wait for it.
+        connection = socket.create_connection(("127.0.0.1",
+                                               self.server.port), 10)
+        self.addCleanup(connection.close)
+        connection.sendall(b"POST /submit HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: multipart/form-data; boundary=B"
+                           b"\r\nContent-Length: 100000000\r\n\r\n--B")
+        answer = connection.recv(4096).decode("latin-1")
+        self.assertTrue(answer.startswith("HTTP/1.1 401"), answer)
+        self.assertIn("log in first", answer)
 
     def test_submit_bad_scene_explains(self):
         with self.assertRaises(urllib.error.HTTPError) as caught:
@@ -2843,6 +2882,17 @@ class TlsTest(unittest.TestCase):
         result = run_cli("status", self.server.url, "--token",
                          self.server.admin, "--insecure")
         self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_session_cookie_is_secure(self):
+        context = ssl.create_default_context(cafile=self.cert)
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.server.port, context=context, timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/?token=" + self.server.admin)
+        response = connection.getresponse()
+        response.read()
+        self.assertEqual(response.status, 303)
+        self.assertIn("; Secure", response.getheader("Set-Cookie"))
 
     def test_plain_http_to_tls_server_fails(self):
         plain = self.server.url.replace("https://", "http://")
@@ -2925,6 +2975,48 @@ READ_HOME_SCENE = b"""
 
 @needs_povray
 @needs_tool("bwrap")
+class WorkFolderTest(unittest.TestCase):
+    """A worker refuses a work folder that others could change."""
+
+    def setUp(self):
+        self.folder = make_temp_dir(prefix="httpov-workdir-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+
+    def work(self, workdir):
+        return run_cli("work", "http://127.0.0.1:9/", "--token", "x",
+                       "--workdir", workdir, "--once", timeout=60)
+
+    def test_linked_subfolder_refused(self):
+        workdir = os.path.join(self.folder, "w")
+        os.makedirs(workdir)
+        target = make_temp_dir(dir=self.folder)
+        os.symlink(target, os.path.join(workdir, "tasks"))
+        result = self.work(workdir)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("is not safe", result.stderr)
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o755,
+                         "the link target was left alone")
+
+    def test_world_writable_folder_refused(self):
+        workdir = os.path.join(self.folder, "w")
+        os.makedirs(workdir)
+        os.chmod(workdir, 0o777)
+        result = self.work(workdir)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("others cannot write", result.stderr)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0,
+                         "needs root to hand a folder to another user")
+    def test_folder_of_other_user_refused(self):
+        workdir = os.path.join(self.folder, "w")
+        os.makedirs(workdir)
+        import pwd
+        os.chown(workdir, pwd.getpwnam("nobody").pw_uid, -1)
+        result = self.work(workdir)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("owned by this user", result.stderr)
+
+
 class SandboxTest(unittest.TestCase):
 
     def setUp(self):
