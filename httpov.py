@@ -1765,19 +1765,19 @@ class Database:
     def jobs(self):
         return self.query("SELECT * FROM jobs ORDER BY id")
 
-    def rows_done(self, job_id):
-        """Return the frame rows that done tasks of a job rendered."""
-        row = self.query_one(
-            "SELECT SUM((frame_last - frame_first + 1) *"
-            " (row_last - row_first + 1)) FROM tasks WHERE job_id = ? AND"
-            " state = 'done'", (job_id,))
-        return row[0] or 0
-
     def task_counts(self, job_id):
-        rows = self.query("SELECT state, COUNT(*) AS n FROM tasks"
-                          " WHERE job_id = ? GROUP BY state", (job_id,))
-        counts = {"queued": 0, "leased": 0, "done": 0, "failed": 0}
-        counts.update((row["state"], row["n"]) for row in rows)
+        """Return the number of a job's tasks in each state, and under
+        "rows_done" the frame rows that its done tasks rendered."""
+        rows = self.query(
+            "SELECT state, COUNT(*) AS n, SUM((frame_last - frame_first"
+            " + 1) * (row_last - row_first + 1)) AS frame_rows FROM tasks"
+            " WHERE job_id = ? GROUP BY state", (job_id,))
+        counts = {"queued": 0, "leased": 0, "done": 0, "failed": 0,
+                  "rows_done": 0}
+        for row in rows:
+            counts[row["state"]] = row["n"]
+            if row["state"] == "done":
+                counts["rows_done"] = row["frame_rows"]
         return counts
 
     def tasks(self, job_id, states=None, limit=1000):
@@ -2596,7 +2596,7 @@ class Farm:
             "tasks_running": counts["leased"],
             "tasks_queued": counts["queued"],
             "tasks_failed": counts["failed"],
-            "progress": round(self.db.rows_done(job["id"]) / max(
+            "progress": round(counts["rows_done"] / max(
                 job["frame_count"] * settings["height"], 1), 4),
             "error": job["error"],
             "created": job["created"],
@@ -2849,14 +2849,10 @@ class Farm:
                                         self.max_result_bytes)
             for name in expected:
                 member = archive.getinfo(name)
-                if member.file_size > largest:
-                    raise TooLarge("%s unpacks to %d bytes, more than the "
-                                   "%d a %dx%d PNG can need"
-                                   % (name, member.file_size, largest,
-                                      width, height))
                 temp_path = self.temp_path(".png")
                 prepared.append((temp_path, None))
-                copy_member(archive, member, temp_path, largest)
+                copy_member(archive, member, temp_path, largest,
+                            size=(width, height))
                 if sliced:
                     final = self.slice_path(job["id"], task["frame_first"],
                                             task["id"])
@@ -2967,19 +2963,21 @@ def largest_png_bytes(width, height, cap):
     return min(cap, COPY_CHUNK_BYTES + 2 * (height * (1 + width * 8)))
 
 
-def copy_member(archive, member, target, limit, signature=PNG_SIGNATURE):
+def copy_member(archive, member, target, limit, signature=PNG_SIGNATURE,
+                size=None):
     """Copy a zip member to a file, reading at most ``limit`` bytes.
 
-    Raises UserError for a member that does not start with
-    ``signature`` (a PNG's by default), is larger than its header says
-    or fails to decompress.
+    Raises UserError for a member that says it is larger than ``limit``,
+    does not start with ``signature`` (a PNG's by default), is larger
+    than its header says or fails to decompress. ``size`` (width,
+    height) only words the error.
     """
     kind = "PNG" if signature == PNG_SIGNATURE else "PPM"
     if member.file_size > limit:
-        raise TooLarge("%s unpacks to %d bytes, more than the %d a %s of "
-                       "this size can need" % (member.filename,
-                                               member.file_size, limit,
-                                               kind))
+        image = "%dx%d %s" % (size + (kind,)) if size else kind
+        raise TooLarge("%s unpacks to %d bytes, more than the %d a %s can "
+                       "need" % (member.filename, member.file_size, limit,
+                                 image))
     try:
         with archive.open(member) as source, open(target, "wb") as out:
             head = source.read(len(signature))
@@ -3973,8 +3971,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
     def legacy_command(self):
         """Run one command of the HTTPov 0.9 protocol and send the reply.
 
-        Old clients read no JSON, so a bad upload is answered with the
-        protocol's status=error line.
+        Old clients read no JSON, so a bad upload gets the protocol's
+        status=error line as its reply.
         """
         if self.command not in ("GET", "POST"):
             raise MethodNotAllowed("the HTTPov protocol uses GET and POST "
@@ -4925,8 +4923,8 @@ def render_status_page(jobs, workers):
 # URL, /httpov.php, with the command and its parameters in the query
 # string. Replies are "key=value" lines that the clients read by position,
 # so the order of the lines is part of the protocol. This section maps it
-# onto the farm: a client "hostname:cid" is a worker, a batch number is one
-# attempt of one task, frames are counted from 0, and an upload (zipped PNG
+# onto the farm. A client "hostname:cid" is a worker, and a batch number is
+# one attempt of one task. Frames are counted from 0. An upload (zipped PNG
 # frames or PPM slices) is turned into an ordinary result. The protocol is
 # closed unless serve opens it: under /legacy/<worker token>/, and at the
 # root for the networks given to --legacy-clients.
@@ -5158,7 +5156,7 @@ def convert_legacy_upload(upload, job, task, target, temp_path,
                                     % (number, name, number,
                                        ", ".join(names[:20])))
                 copy_member(archive, archive.getinfo(found[number]),
-                            scratch, largest)
+                            scratch, largest, size=(width, height))
                 result.write(scratch, "frames/%d.png" % frame)
     except UserError:
         raise
@@ -5178,7 +5176,7 @@ def member_signature(archive, member):
 
 
 class LegacyProtocol:
-    """Answers the commands of HTTPov 0.9 clients for one farm.
+    """The commands of HTTPov 0.9 clients, run for one farm.
 
     Each method returns the reply lines in the order the clients read
     them. Nothing here raises to the client: an old client cannot read
@@ -5283,10 +5281,8 @@ class LegacyProtocol:
         lines = ["command=render", "batch=%d" % batch,
                  "startframe=%d" % (task["frame_first"] - job["first_frame"]),
                  "stopframe=%d" % (task["frame_last"] - job["first_frame"])]
-        row_ranges = json.loads(job["row_ranges"])
-        if len(row_ranges) > 1:
-            first_rows = [rows[0] for rows in row_ranges]
-            lines.extend(["slice=%d" % first_rows.index(task["row_first"]),
+        if len(json.loads(job["row_ranges"])) > 1:
+            lines.extend(["slice=%d" % legacy_slice_number(job, task),
                           "startrow=%d" % task["row_first"],
                           "endrow=%d" % task["row_last"]])
         return lines

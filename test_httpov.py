@@ -2794,7 +2794,7 @@ class SubmitPageTest(unittest.TestCase):
         self.assertEqual(self.client.call("GET", "/api/jobs")["jobs"], [])
 
     def test_submit_without_session_reads_no_body(self):
-        # A declared 100 MB body that never comes: the answer must not
+        # A declared 100 MB body that never comes: the response must not
         # wait for it.
         connection = socket.create_connection(("127.0.0.1",
                                                self.server.port), 10)
@@ -4591,11 +4591,10 @@ class ViewerBrowserTest(unittest.TestCase):
 # ---------------------------------------------------------------------------
 #
 # BashClient behaves as the Bash client 1.2 and PythonClient as the Python
-# client 2.2.1 did on the wire (../shared/legacy-protocol.md): the same
-# requests with raw, not URL-encoded, query strings, replies read line by
-# line by position, the job archive fetched once per stay in a job,
-# POV-Ray run inside the job folder, and results uploaded as a zip in a
-# multipart/form-data POST. Unlike the old clients, they also check every
+# client 2.2.1 did on the wire. They send the same requests with raw, not
+# URL-encoded, query strings and read replies line by line by position.
+# They fetch the job archive once per stay in a job, run POV-Ray inside the
+# job folder and upload results as a zip in a multipart/form-data POST. Unlike the old clients, they also check every
 # reply against the protocol and keep each mismatch in ``violations``.
 
 LOG = logging.getLogger(__name__)
@@ -4633,7 +4632,7 @@ class Exchange(object):
     `command` is the protocol command, or "jobzip" for the archive download
     and "verurl" for the update check. `params` lists the query parameters
     in the order sent. `status` is None and `error` is set when no reply
-    came or the client treated the reply as a failure. `lines` holds the
+    came or the client treated the reply as a failure. `lines` contains the
     reply body split at "\\n" without the final empty string.
     """
 
@@ -5196,7 +5195,8 @@ class LegacyClient(object):
 
     @property
     def _gated(self):
-        """True when the server must answer every request with the gate."""
+        """Tell whether the server replies to every request with the
+        version gate (no version, or family 0)."""
         return self.version is None or self.version.split(".")[0] == "0"
 
     @property
@@ -5962,6 +5962,7 @@ class LegacyProtocolTest(unittest.TestCase):
                     self.assertIn("0.9 is too old", lines[1])
                 else:
                     self.assertEqual(lines[:-1], expected)
+
         job_id = self.sphere_job("--", "+W48", "+H32")
         status, _, text = self.raw(base + "command=getjob&version=1.1")
         self.assertEqual(text.split("\n")[:4],
@@ -5969,16 +5970,20 @@ class LegacyProtocolTest(unittest.TestCase):
                           "name=%d-ball" % job_id, "frames=1"])
         self.assertTrue(text.split("\n")[4].startswith("message="),
                         "level 1 clients are told to upgrade")
+
         status, _, text = self.raw("/legacy/version?version=2.2")
         self.assertEqual(text, "clientver=2.2.1\n")
+
         status, _, _ = self.raw(base + "command=getbatch&job=%d&version=1.2"
                                 % job_id, "HEAD")
         self.assertEqual(status, 405, "HEAD must not lease a task")
+
         status, kind, text = self.raw(base + "command=postbatch&job=1"
                                       "&batch=1&version=1.2", "POST")
         self.assertEqual((status, kind, text),
                          (200, "text/plain; charset=utf-8",
                           "status=error\n"))
+
         workers = self.client.call("GET", "/api/workers")["workers"]
         self.assertEqual([worker["name"] for worker in workers], ["box:7"],
                          "hello and abort register no worker")

@@ -203,6 +203,20 @@ def run_command(command, timeout, **options):
     return process.returncode, seconds, output.decode("utf-8", "replace")
 
 
+def stop_process(process, name):
+    """Stop a server with SIGINT, as Ctrl-C would; kill it if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(SERVER_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        say("%s (pid %d) ignored SIGINT for %d s; killing it"
+            % (name, process.pid, SERVER_STOP_SECONDS))
+        process.kill()
+        process.wait()
+
+
 class ServeProcess:
     """An ``httpov.py serve`` subprocess on a free loopback port.
 
@@ -264,16 +278,7 @@ class ServeProcess:
             return "(no log)"
 
     def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(SERVER_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            say("serve (pid %d) ignored SIGINT for %d s; killing it"
-                % (self.process.pid, SERVER_STOP_SECONDS))
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, "serve")
 
     def memory_kib(self, field):
         """Return VmRSS or VmHWM of the server process, in KiB."""
@@ -482,14 +487,7 @@ class BareProcess:
         return False
 
     def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(SERVER_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, "the bare server")
 
 
 def tiny_png_bytes(width, height, folder):
