@@ -2793,18 +2793,35 @@ class SubmitPageTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, 401)
         self.assertEqual(self.client.call("GET", "/api/jobs")["jobs"], [])
 
-    def test_submit_without_session_reads_no_body(self):
-        # A declared 100 MB body that never comes: the response must not
-        # wait for it.
+    def send_unauthorized_upload(self, body_start):
+        """Send a submit request without a session that declares a 100 MB
+        body but sends only ``body_start``; return the whole response."""
         connection = socket.create_connection(("127.0.0.1",
                                                self.server.port), 10)
         self.addCleanup(connection.close)
         connection.sendall(b"POST /submit HTTP/1.1\r\nHost: x\r\n"
                            b"Content-Type: multipart/form-data; boundary=B"
-                           b"\r\nContent-Length: 100000000\r\n\r\n--B")
-        answer = connection.recv(4096).decode("latin-1")
-        self.assertTrue(answer.startswith("HTTP/1.1 401"), answer)
-        self.assertIn("log in first", answer)
+                           b"\r\nContent-Length: 100000000\r\n\r\n"
+                           + body_start)
+        time.sleep(0.5)
+        # Headers and body may arrive in separate packets, so the response
+        # is read until the server closes the connection.
+        received = []
+        for chunk in iter(lambda: connection.recv(4096), b""):
+            received.append(chunk)
+        return b"".join(received).decode("latin-1")
+
+    def test_submit_without_session_reads_no_body(self):
+        # The response must not wait for a body that never comes.
+        response = self.send_unauthorized_upload(b"--B")
+        self.assertTrue(response.startswith("HTTP/1.1 401"), response)
+        self.assertIn("log in first", response)
+
+    def test_unread_upload_gets_response(self):
+        # 256 KiB of the body reach the server and stay unread.
+        response = self.send_unauthorized_upload(b"x" * (256 * 1024))
+        self.assertTrue(response.startswith("HTTP/1.1 401"), response)
+        self.assertIn("log in first", response)
 
     def test_submit_bad_scene_explains(self):
         with self.assertRaises(urllib.error.HTTPError) as caught:
@@ -4594,8 +4611,9 @@ class ViewerBrowserTest(unittest.TestCase):
 # client 2.2.1 did on the wire. They send the same requests with raw, not
 # URL-encoded, query strings and read replies line by line by position.
 # They fetch the job archive once per stay in a job, run POV-Ray inside the
-# job folder and upload results as a zip in a multipart/form-data POST. Unlike the old clients, they also check every
-# reply against the protocol and keep each mismatch in ``violations``.
+# job folder and upload results as a zip in a multipart/form-data POST.
+# Unlike the old clients, they also check every reply against the protocol
+# and keep each mismatch in ``violations``.
 
 LOG = logging.getLogger(__name__)
 LOG.addHandler(logging.NullHandler())
