@@ -2355,9 +2355,13 @@ class HostileInputTest(unittest.TestCase):
         connection.sendall(b"POST /api/jobs HTTP/1.1\r\nAuthorization: "
                            b"Bearer " + self.server.admin.encode() +
                            b"\r\nContent-Length: 100000\r\n\r\nPK")
+        temp = os.path.join(self.server.data_dir, "tmp")
+        deadline = time.time() + 10
+        while not os.listdir(temp) and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertNotEqual(os.listdir(temp), [], "no upload file started")
         connection.close()
         deadline = time.time() + 10
-        temp = os.path.join(self.server.data_dir, "tmp")
         while os.listdir(temp) and time.time() < deadline:
             time.sleep(0.1)
         self.assertEqual(os.listdir(temp), [])
