@@ -119,9 +119,13 @@ DEFAULT_MAX_TASK_SECONDS = 86400  # wall-clock limit of one task
 DEFAULT_MEMORY_MIB = 4096         # address space of POV-Ray; 256 MiB
                                   # already broke normal scenes
 MEMORY_MIB_PER_THREAD = 128       # ... plus this per render thread
-# NOTE: this bounds each file, not their number, so a scene's disk use is
-# bounded only by its time and CPU limits.
 MAX_RENDER_FILE_BYTES = 8 << 30   # largest file POV-Ray may write
+DEFAULT_MAX_TASK_DISK_MIB = 16384  # files in a task's folder, in total
+# NOTE: without the sandbox a scene can also write outside its task folder,
+# where neither this limit nor MIN_FREE_DISK_MIB counts the files.
+MIN_FREE_DISK_MIB = 256           # below this free space, a large task
+                                  # is stopped
+DISK_CHECK_SECONDS = 2            # how often the task folder is measured
 MAX_RENDER_OPEN_FILES = 256
 MAX_RENDER_PROCESSES = 1024       # processes and threads of the user
 
@@ -5853,7 +5857,7 @@ class Worker:
                  max_task_seconds=DEFAULT_MAX_TASK_SECONDS,
                  stall_seconds=DEFAULT_STALL_SECONDS,
                  cacert=None, insecure=False, user=None, sandbox="auto",
-                 memory_mib=None):
+                 memory_mib=None, max_disk_mib=DEFAULT_MAX_TASK_DISK_MIB):
         self.url = url
         self.token = token
         self.name = name or socket.gethostname()
@@ -5865,6 +5869,7 @@ class Worker:
         self.exit_when_idle = exit_when_idle    # seconds; 0: never
         self.max_task_seconds = max_task_seconds
         self.stall_seconds = stall_seconds
+        self.max_disk_mib = max_disk_mib        # 0: no limit
         self.console = console and sys.stderr.isatty()
         self.cacert = cacert
         self.insecure = insecure
@@ -6168,7 +6173,8 @@ class Worker:
                          " ".join(command))
 
         process = self.start_povray(command, scene_dir, environment)
-        watchdog = Watchdog(self, self.max_task_seconds, self.stall_seconds)
+        watchdog = Watchdog(self, self.max_task_seconds, self.stall_seconds,
+                            task_dir, self.max_disk_mib)
         log_file = os.path.join(output_dir, WINDOWS_LOG_FILE)
         if windows:
             watchdog.output_file = log_file
@@ -6436,49 +6442,99 @@ OUTBOX_LOCK = threading.Lock()
 
 
 class Watchdog:
-    """Stops POV-Ray when a task runs too long or prints nothing for long.
+    """Stops POV-Ray when a task runs too long, prints nothing for long,
+    or fills the disk.
 
-    A limit of 0 turns that check off.
+    A limit of 0 turns that check off. The disk check measures the task
+    folder, which contains everything a sandboxed POV-Ray can write.
     """
 
-    def __init__(self, worker, max_seconds, stall_seconds):
+    def __init__(self, worker, max_seconds, stall_seconds, task_dir=None,
+                 max_disk_mib=0):
         self.worker = worker
         self.max_seconds = max_seconds
         self.stall_seconds = stall_seconds
+        self.task_dir = task_dir
+        self.max_disk_mib = max_disk_mib
         self.started = self.last_output = time.monotonic()
+        self.disk_checked = self.started
         self.output_file = None     # output that goes to a file instead
         self.output_size = 0
         self.reason = None
         self.stopped = threading.Event()
-        if max_seconds or stall_seconds:
+        if max_seconds or stall_seconds or (task_dir and max_disk_mib):
             threading.Thread(target=self.run, daemon=True,
                              name="watchdog").start()
 
     def run(self):
         while not self.stopped.wait(1.0):
-            now = time.monotonic()
-            if self.output_file:
-                try:
-                    size = os.path.getsize(self.output_file)
-                except OSError:
-                    size = 0
-                if size != self.output_size:
-                    self.output_size = size
-                    self.last_output = now
-            if self.max_seconds and now - self.started > self.max_seconds:
-                self.reason = ("task ran longer than the limit of %.0f s "
-                               "(work --max-task-time)" % self.max_seconds)
-            elif self.stall_seconds and \
-                    now - self.last_output > self.stall_seconds:
-                self.reason = ("POV-Ray printed nothing for %.0f s "
-                               "(work --stall-timeout)" % self.stall_seconds)
+            self.reason = self.broken_limit(time.monotonic())
             if self.reason:
                 worker_log.warning("stopping POV-Ray: %s", self.reason)
                 self.worker.terminate_povray()
                 return
 
+    def broken_limit(self, now):
+        """Return the limit the task has broken, in words, or None."""
+        if self.output_file:
+            try:
+                size = os.path.getsize(self.output_file)
+            except OSError:
+                size = 0
+            if size != self.output_size:
+                self.output_size = size
+                self.last_output = now
+        if self.max_seconds and now - self.started > self.max_seconds:
+            return ("task ran longer than the limit of %.0f s "
+                    "(work --max-task-time)" % self.max_seconds)
+        if self.stall_seconds and now - self.last_output > self.stall_seconds:
+            return ("POV-Ray printed nothing for %.0f s "
+                    "(work --stall-timeout)" % self.stall_seconds)
+        if self.task_dir and self.max_disk_mib and \
+                now - self.disk_checked >= DISK_CHECK_SECONDS:
+            self.disk_checked = now
+            return self.check_disk()
+        return None
+
+    def check_disk(self):
+        """Return why the task's files must stop growing, or None."""
+        used = folder_bytes(self.task_dir)
+        try:
+            free = shutil.disk_usage(self.task_dir).free
+        except OSError:
+            free = None
+        return disk_problem(used, free, self.max_disk_mib)
+
     def stop(self):
         self.stopped.set()
+
+
+def folder_bytes(path):
+    """Return the total size of the files under ``path``, without
+    following links. Files that vanish while counting are skipped."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def disk_problem(used, free, max_mib):
+    """Return why a task that uses ``used`` bytes, on a disk with
+    ``free`` bytes left (None: unknown), must be stopped, or None."""
+    if used > max_mib << 20:
+        return ("the task's files grew past the limit of %d MiB "
+                "(work --max-task-disk)" % max_mib)
+    # A task that is only a small part of a full disk is not to blame.
+    if free is not None and free < MIN_FREE_DISK_MIB << 20 and \
+            used > MIN_FREE_DISK_MIB << 20:
+        return ("the disk of the work folder is almost full (%d MiB free) "
+                "and the task's files take %d MiB"
+                % (free >> 20, used >> 20))
+    return None
 
 
 class Heartbeat:
@@ -6847,7 +6903,8 @@ def command_work(args):
             max_task_seconds=args.max_task_time,
             stall_seconds=args.stall_timeout, cacert=args.cacert,
             insecure=args.insecure, user=args.user, sandbox=args.sandbox,
-            memory_mib=args.memory_limit, console=args.tasks == 1))
+            memory_mib=args.memory_limit, console=args.tasks == 1,
+            max_disk_mib=args.max_task_disk))
     presses = [0]
 
     def on_interrupt(number, frame):
@@ -7019,7 +7076,8 @@ def command_render(args):
                                                  % number),
                             console=False, user=args.user,
                             sandbox=args.sandbox,
-                            memory_mib=args.memory_limit)
+                            memory_mib=args.memory_limit,
+                            max_disk_mib=args.max_task_disk)
             thread = threading.Thread(target=worker.run, daemon=True,
                                       name=worker.name)
             thread.start()
@@ -7089,6 +7147,18 @@ def positive_int(text):
         raise argparse.ArgumentTypeError("invalid number %r" % text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1, not %d"
+                                         % value)
+    return value
+
+
+def whole_number(text):
+    """argparse type: a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid number %r" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0, not %d"
                                          % value)
     return value
 
@@ -7198,6 +7268,12 @@ def build_parser():
         "--memory-limit", type=positive_int, dest="memory_limit",
         metavar="MIB", help="address space of POV-Ray in MiB (default "
         "%d + %d per thread)" % (DEFAULT_MEMORY_MIB, MEMORY_MIB_PER_THREAD))
+    render_options.add_argument(
+        "--max-task-disk", type=whole_number, dest="max_task_disk",
+        default=DEFAULT_MAX_TASK_DISK_MIB, metavar="MIB",
+        help="stop POV-Ray when the files of its task, the scene's copy "
+        "included, grow past this many MiB, and report the task failed "
+        "(default %d; 0: no limit)" % DEFAULT_MAX_TASK_DISK_MIB)
 
     def add_parser(name, **options):
         parents = [verbose]

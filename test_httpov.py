@@ -1571,6 +1571,27 @@ class FailureTest(unittest.TestCase):
         tasks = self.client.call("GET", "/api/jobs/%d/tasks" % job_id)
         self.assertEqual(tasks["tasks"][0]["attempts"], 3)
 
+    def test_task_disk_limit(self):
+        # The scene writes about 260 MB beside itself, 19 MB a second
+        # here, unless the worker stops it.
+        with open(self.scene, "wb") as out:
+            out.write(b'#fopen Fill "fill.txt" write\n'
+                      b"#declare Count = 0;\n"
+                      b"#while (Count < 4000000)\n"
+                      b'  #write (Fill, "%s\\n")\n'
+                      b"  #declare Count = Count + 1;\n"
+                      b"#end\n#fclose Fill\n" % (b"x" * 64)
+                      + SPHERE_SCENE)
+        job_id = self.submit("--", "+W32", "+H24")
+        worker = self.work("--max-task-disk", "5")
+        job = wait_for_job(self.client, job_id, 120)
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("files grew past the limit of 5 MiB", job["error"])
+        self.assertIsNone(worker.poll(), "the worker exited")
+        tasks = os.path.join(self.folder, "w0", "tasks")
+        self.assertEqual(httpov.folder_bytes(tasks), 0,
+                         "the failed task's files were left behind")
+
     def test_killed_povray_named_by_signal(self):
         script = write_script(self.folder, "killed", "kill -9 $$")
         job_id = self.submit("--", "+W32", "+H32")
@@ -2996,6 +3017,42 @@ READ_HOME_SCENE = b"""
 
 @needs_povray
 @needs_tool("bwrap")
+class DiskLimitTest(unittest.TestCase):
+    """The worker measures a task's files and the disk they are on."""
+
+    def test_folder_bytes_skips_links(self):
+        folder = make_temp_dir(prefix="httpov-disk-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.makedirs(os.path.join(folder, "a", "b"))
+        with open(os.path.join(folder, "a", "b", "one"), "wb") as out:
+            out.write(b"x" * 1000)
+        with open(os.path.join(folder, "two"), "wb") as out:
+            out.write(b"y" * 24)
+        os.symlink("/usr/bin", os.path.join(folder, "linked-folder"))
+        os.symlink(sys.executable, os.path.join(folder, "linked-file"))
+        # A link counts as itself, and a linked folder is not entered.
+        link = os.lstat(os.path.join(folder, "linked-file")).st_size
+        self.assertEqual(httpov.folder_bytes(folder), 1024 + link)
+
+    def test_limit_broken(self):
+        problem = httpov.disk_problem(11 << 20, 100 << 30, 10)
+        self.assertIn("past the limit of 10 MiB", problem)
+
+    def test_limit_kept(self):
+        self.assertIsNone(httpov.disk_problem(10 << 20, 100 << 30, 10))
+
+    def test_full_disk_stops_large_task(self):
+        problem = httpov.disk_problem(
+            (httpov.MIN_FREE_DISK_MIB + 1) << 20, 5 << 20, 16384)
+        self.assertIn("almost full (5 MiB free)", problem)
+
+    def test_full_disk_spares_small_task(self):
+        self.assertIsNone(httpov.disk_problem(1 << 20, 5 << 20, 16384))
+
+    def test_unknown_free_space(self):
+        self.assertIsNone(httpov.disk_problem(1 << 30, None, 16384))
+
+
 class WorkFolderTest(unittest.TestCase):
     """A worker refuses a work folder that others could change."""
 
