@@ -153,8 +153,7 @@ HEADER_TIMEOUT_SECONDS = 20       # request line and headers, and idle
 MIN_UPLOAD_BYTES_PER_SECOND = 64 * 1024  # slower bodies are cut off
 MAX_HEADER_BYTES = 16 * 1024      # all request headers together
 DEFAULT_MAX_CONNECTIONS = 512     # connections handled at once
-# NOTE: there is no cap per client address, so a client that keeps many
-# idle connections open can make others wait until the header deadline.
+DEFAULT_MAX_ADDRESS_CONNECTIONS = 256  # ... of them from one address
 COPY_CHUNK_BYTES = 1 << 20        # 1 MiB: streaming buffer size
 MAX_DRAINED_BYTES = 16 << 20      # 16 MiB: rejected body still read, so
                                   # the client sees the error response
@@ -3042,8 +3041,10 @@ def load_or_create_tokens(data_dir, rotate=False):
 class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """A threading HTTP server (``ThreadingHTTPServer`` needs 3.7).
 
-    It handles at most ``max_connections`` connections at once and
-    responds 503 to the next ones. With ``tls_context`` it serves
+    It handles at most ``max_connections`` connections at once, and
+    ``max_address_connections`` of them from one client address, so
+    that one host cannot take every slot. It responds 503 to the next
+    ones. With ``tls_context`` it serves
     HTTPS; the TLS handshake runs in the connection's own thread, so a
     slow client cannot hold up the others.
     """
@@ -3055,36 +3056,61 @@ class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, farm, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 tls_context=None):
+                 tls_context=None,
+                 max_address_connections=DEFAULT_MAX_ADDRESS_CONNECTIONS):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.farm = farm
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_address_connections = max_address_connections
+        self.address_connections = collections.Counter()
+        self.address_lock = threading.Lock()
         self.deadlines = Deadlines()
         self.tls_context = tls_context
         http.server.HTTPServer.__init__(self, address, FarmRequestHandler)
 
     def process_request(self, request, client_address):
+        address = client_address[0]
+        with self.address_lock:
+            crowded = (self.address_connections[address]
+                       >= self.max_address_connections)
+            if not crowded:
+                self.address_connections[address] += 1
+        if crowded:
+            self.reject(request, "too many connections from %s" % address)
+            return
         if not self.slots.acquire(blocking=False):
-            server_log.warning("too many connections; %s answered 503",
-                               client_address[0])
-            body = b'{"error": "too many connections; try again"}\n'
-            try:
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\n"
-                    b"Content-Type: application/json\r\n"
-                    b"Retry-After: 5\r\nConnection: close\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            self.forget_connection(address)
+            self.reject(request, "too many connections")
             return
         try:
             socketserver.ThreadingMixIn.process_request(
                 self, request, client_address)
         except BaseException:
             self.slots.release()
+            self.forget_connection(address)
             raise
+
+    def reject(self, request, reason):
+        """Respond 503 to a connection over the limits and close it."""
+        server_log.warning("%s: responded 503", reason)
+        body = (json.dumps({"error": reason + "; try again"}) + "\n"
+                ).encode()
+        try:
+            request.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Retry-After: 5\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def forget_connection(self, address):
+        with self.address_lock:
+            self.address_connections[address] -= 1
+            if self.address_connections[address] <= 0:
+                del self.address_connections[address]
 
     def process_request_thread(self, request, client_address):
         try:
@@ -3096,6 +3122,7 @@ class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self, request, client_address)
         finally:
             self.slots.release()
+            self.forget_connection(client_address[0])
 
     def start_tls(self, request, client_address):
         """Run the TLS handshake; return the TLS socket, or None."""
@@ -6796,7 +6823,9 @@ def command_serve(args):
     try:
         server = FarmHTTPServer((args.bind, args.port), None,
                                 max_connections=args.max_connections,
-                                tls_context=tls_context)
+                                tls_context=tls_context,
+                                max_address_connections=(
+                                    args.max_address_connections))
     except (OSError, OverflowError) as error:
         raise CommandError("cannot listen on %s port %d: %s; choose "
                            "another --port or --bind"
@@ -7327,6 +7356,13 @@ def build_parser():
                        default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                        help="connections handled at once; more get 503 "
                        "(default %d)" % DEFAULT_MAX_CONNECTIONS)
+    serve.add_argument("--max-address-connections", type=positive_int,
+                       dest="max_address_connections",
+                       default=DEFAULT_MAX_ADDRESS_CONNECTIONS, metavar="N",
+                       help="connections handled at once from one client "
+                       "address; more get 503 (default %d; raise it for "
+                       "many workers behind one NAT address)"
+                       % DEFAULT_MAX_ADDRESS_CONNECTIONS)
     serve.add_argument("--legacy-clients", type=networks,
                        dest="legacy_clients", default=[],
                        metavar="CIDR[,CIDR...]",

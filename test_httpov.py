@@ -2820,7 +2820,7 @@ class SubmitPageTest(unittest.TestCase):
 
     def send_unauthorized_upload(self, body_start):
         """Send a submit request without a session that declares a 100 MB
-        body but sends only ``body_start``; return the whole response."""
+        body but sends only ``body_start``, and return the response."""
         connection = socket.create_connection(("127.0.0.1",
                                                self.server.port), 10)
         self.addCleanup(connection.close)
@@ -3017,6 +3017,72 @@ READ_HOME_SCENE = b"""
 
 @needs_povray
 @needs_tool("bwrap")
+class ConnectionLimitTest(unittest.TestCase):
+    """Connections over the server's limits get 503 at once, and the
+    slots come back when connections close."""
+
+    def start_server(self, total, per_address):
+        folder = make_temp_dir(prefix="httpov-limits-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.server = ServerProcess(
+            os.path.join(folder, "data"),
+            extra=["--max-connections", str(total),
+                   "--max-address-connections", str(per_address)])
+        self.addCleanup(self.server.stop)
+
+    def idle_connection(self):
+        connection = socket.create_connection(("127.0.0.1",
+                                               self.server.port), 10)
+        self.addCleanup(connection.close)
+        return connection
+
+    def get(self):
+        """Send one request and return the whole response as text."""
+        connection = self.idle_connection()
+        connection.sendall(b"GET /api/openapi.json HTTP/1.1\r\nHost: x\r\n"
+                           b"Connection: close\r\n\r\n")
+        received = []
+        for chunk in iter(lambda: connection.recv(4096), b""):
+            received.append(chunk)
+        connection.close()
+        return b"".join(received).decode("latin-1")
+
+    def wait_for_ok(self):
+        deadline = time.time() + 10
+        response = self.get()
+        while not response.startswith("HTTP/1.1 200") and \
+                time.time() < deadline:
+            time.sleep(0.2)
+            response = self.get()
+        return response
+
+    def test_address_limit(self):
+        self.start_server(total=10, per_address=2)
+        first = self.idle_connection()
+        self.idle_connection()
+        time.sleep(0.5)
+        response = self.get()
+        self.assertTrue(response.startswith("HTTP/1.1 503"), response)
+        self.assertIn("Retry-After: 5", response)
+        self.assertIn("too many connections from 127.0.0.1; try again",
+                      response)
+        first.close()
+        response = self.wait_for_ok()
+        self.assertTrue(response.startswith("HTTP/1.1 200"), response)
+
+    def test_total_limit(self):
+        self.start_server(total=2, per_address=10)
+        first = self.idle_connection()
+        self.idle_connection()
+        time.sleep(0.5)
+        response = self.get()
+        self.assertTrue(response.startswith("HTTP/1.1 503"), response)
+        self.assertIn('"too many connections; try again"', response)
+        first.close()
+        response = self.wait_for_ok()
+        self.assertTrue(response.startswith("HTTP/1.1 200"), response)
+
+
 class DiskLimitTest(unittest.TestCase):
     """The worker measures a task's files and the disk they are on."""
 
