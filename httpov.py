@@ -125,7 +125,6 @@ DEFAULT_MAX_TASK_DISK_MIB = 16384  # files in a task's folder, in total
 # where neither this limit nor MIN_FREE_DISK_MIB counts the files.
 MIN_FREE_DISK_MIB = 256           # below this free space, a large task
                                   # is stopped
-DISK_CHECK_SECONDS = 2            # how often the task folder is measured
 MAX_RENDER_OPEN_FILES = 256
 MAX_RENDER_PROCESSES = 1024       # processes and threads of the user
 
@@ -3093,6 +3092,13 @@ class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def reject(self, request, reason):
         """Respond 503 to a connection over the limits and close it."""
+        if self.tls_context is not None:
+            # A TLS client could not read a response sent before the
+            # handshake, and would take it for a TLS failure. A closed
+            # connection makes it retry later.
+            server_log.warning("%s: connection closed", reason)
+            self.shutdown_request(request)
+            return
         server_log.warning("%s: responded 503", reason)
         body = (json.dumps({"error": reason + "; try again"}) + "\n"
                 ).encode()
@@ -3127,8 +3133,15 @@ class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def start_tls(self, request, client_address):
         """Run the TLS handshake; return the TLS socket, or None."""
         request.settimeout(HTTP_TIMEOUT_SECONDS)
-        request = self.tls_context.wrap_socket(
-            request, server_side=True, do_handshake_on_connect=False)
+        try:
+            # Wrapping can already fail on a connection the client reset.
+            request = self.tls_context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError) as error:
+            server_log.info("TLS connection from %s failed: %s",
+                            client_address[0], error)
+            self.shutdown_request(request)
+            return None
         self.deadlines.watch(request, HEADER_TIMEOUT_SECONDS)
         try:
             request.do_handshake()
@@ -3140,6 +3153,17 @@ class FarmHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         finally:
             self.deadlines.forget(request)
         return request
+
+    def handle_error(self, request, client_address):
+        """Log a connection the client broke off in one line, and any
+        other error with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            server_log.info("connection from %s ended: %s",
+                            client_address[0], error)
+        else:
+            server_log.exception("request from %s failed",
+                                 client_address[0])
 
     def serve_forever(self, poll_interval=0.5):
         threading.Thread(target=self.deadlines.run, daemon=True,
@@ -3325,7 +3349,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                                method, self.loggable(parsed.path), error)
             failure = (503, "the server is busy; try again",
                        {"Retry-After": "2"})
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (BrokenPipeError, ConnectionResetError, socket.timeout,
+                ssl.SSLEOFError):
             self.close_connection = True
         except Exception as error:
             if type(error).__name__ == "OperationalError" and \
@@ -3434,21 +3459,28 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
             if length <= MAX_DRAINED_BYTES:
                 # Read a small body, so that the client, still sending,
                 # gets the 413 instead of a broken connection.
-                self.rfile.read(length)
-                self.body_read = True
+                self.read_small_body(length)
             self.close_connection = True
             raise TooLarge("request body of %d bytes is larger than the "
                            "limit of %d bytes" % (length, limit))
         return length
 
-    def read_json(self):
-        length = self.content_length(MAX_JSON_BYTES)
-        self.server.deadlines.watch(self.connection, HEADER_TIMEOUT_SECONDS)
+    def read_small_body(self, length):
+        """Read a body kept in memory, under the same deadline as an
+        upload, so that a slow sender cannot hold the connection."""
+        self.server.deadlines.watch(
+            self.connection, HEADER_TIMEOUT_SECONDS +
+            length / MIN_UPLOAD_BYTES_PER_SECOND)
         try:
             data = self.rfile.read(length)
         finally:
             self.server.deadlines.forget(self.connection)
         self.body_read = True
+        return data
+
+    def read_json(self):
+        length = self.content_length(MAX_JSON_BYTES)
+        data = self.read_small_body(length)
         if len(data) < length:
             self.close_connection = True
             raise UserError("request body is truncated")
@@ -3859,9 +3891,8 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         site cannot submit it in the user's name.
         """
         length = self.content_length(MAX_JSON_BYTES)
-        form = urllib.parse.parse_qs(self.rfile.read(length).decode(
+        form = urllib.parse.parse_qs(self.read_small_body(length).decode(
             "utf-8", "replace"))
-        self.body_read = True
         csrf = (form.get("csrf") or [""])[0]
         if not (self.has_session() and hmac.compare_digest(
                 csrf.encode(), self.csrf_token().encode())):
@@ -5740,13 +5771,14 @@ os.execvp(sys.argv[2], sys.argv[2:])
 
 
 def sandbox_command(bwrap, povray, povini, scene_dir, output_dir,
-                    home_dir):
+                    home_dir, shm_dir):
     """Return the bubblewrap prefix that confines POV-Ray.
 
     Inside, POV-Ray can read /usr and the POV-Ray installation, can read
     and write its task's scene, output and home folders, and has no
     network. The root of the sandbox is read-only, so ``../escape.txt``
-    cannot be written.
+    cannot be written. /dev/shm is ``shm_dir``, also in the task folder,
+    so that files written there count toward --max-task-disk.
     """
     command = [bwrap, "--unshare-all", "--die-with-parent", "--new-session",
                "--ro-bind", "/usr", "/usr"]
@@ -5765,6 +5797,7 @@ def sandbox_command(bwrap, povray, povini, scene_dir, output_dir,
     if not install.startswith("/usr/"):
         command += ["--ro-bind", install, install]
     command += ["--proc", "/proc", "--dev", "/dev",
+                "--bind", shm_dir, "/dev/shm",
                 "--ro-bind", povini, povini]
     for folder in (scene_dir, output_dir, home_dir):
         command += ["--bind", folder, folder]
@@ -6169,6 +6202,7 @@ class Worker:
         scene_dir = os.path.join(task_dir, "scene")
         output_dir = os.path.join(task_dir, "output")
         home_dir = os.path.join(task_dir, "home")
+        shm_dir = os.path.join(task_dir, "shm")
         shutil.rmtree(task_dir, ignore_errors=True)
         shutil.copytree(job_dir, scene_dir)
         os.makedirs(output_dir)
@@ -6184,9 +6218,11 @@ class Worker:
         command = povray_command(self.povray, task, self.threads,
                                  output_base, ERROR_FILE)
         if self.bwrap:
+            os.makedirs(shm_dir)
             command = sandbox_command(
                 self.bwrap, shutil.which(self.povray) or self.povray,
-                self.povini, scene_dir, output_dir, home_dir) + command
+                self.povini, scene_dir, output_dir, home_dir,
+                shm_dir) + command
         if os.name == "posix":
             command = self.launcher_command() + command
         if self.uid is not None:
@@ -6194,6 +6230,8 @@ class Worker:
             chown_tree(scene_dir, self.uid, self.gid)
             chown_tree(output_dir, self.uid, self.gid)
             chown_tree(home_dir, self.uid, self.gid)
+            if self.bwrap:
+                chown_tree(shm_dir, self.uid, self.gid)
         environment = dict(os.environ, POVINI=self.povini, HOME=home_dir)
         environment.pop("HTTPOV_TOKEN", None)
         worker_log.debug("%s: running %s", task_label(task),
@@ -6222,6 +6260,9 @@ class Worker:
 
         if heartbeat.rejected or self.stop_now.is_set():
             raise TaskAbandoned(heartbeat.rejected or "stopped by the user")
+        if not watchdog.reason:
+            # Files written in the last second before POV-Ray ended.
+            watchdog.reason = watchdog.check_disk()
         if watchdog.reason:
             raise TaskFailed(watchdog.reason, log_text)
         error_text = ""
@@ -6484,7 +6525,6 @@ class Watchdog:
         self.task_dir = task_dir
         self.max_disk_mib = max_disk_mib
         self.started = self.last_output = time.monotonic()
-        self.disk_checked = self.started
         self.output_file = None     # output that goes to a file instead
         self.output_size = 0
         self.reason = None
@@ -6517,14 +6557,12 @@ class Watchdog:
         if self.stall_seconds and now - self.last_output > self.stall_seconds:
             return ("POV-Ray printed nothing for %.0f s "
                     "(work --stall-timeout)" % self.stall_seconds)
-        if self.task_dir and self.max_disk_mib and \
-                now - self.disk_checked >= DISK_CHECK_SECONDS:
-            self.disk_checked = now
-            return self.check_disk()
-        return None
+        return self.check_disk()
 
     def check_disk(self):
         """Return why the task's files must stop growing, or None."""
+        if not (self.task_dir and self.max_disk_mib):
+            return None
         used = folder_bytes(self.task_dir)
         try:
             free = shutil.disk_usage(self.task_dir).free
@@ -6537,15 +6575,19 @@ class Watchdog:
 
 
 def folder_bytes(path):
-    """Return the total size of the files under ``path``, without
-    following links. Files that vanish while counting are skipped."""
+    """Return the disk space that the files and folders under ``path``
+    take, without following links. Where the system reports blocks, a
+    file with data takes at least one, so many tiny files count. Files that
+    vanish while counting are skipped."""
     total = 0
     for folder, _, files in os.walk(path):
-        for name in files:
+        for name in [""] + files:
             try:
-                total += os.lstat(os.path.join(folder, name)).st_size
+                status = os.lstat(os.path.join(folder, name))
             except OSError:
-                pass
+                continue
+            blocks = getattr(status, "st_blocks", None)
+            total += status.st_size if blocks is None else blocks * 512
     return total
 
 
@@ -6554,7 +6596,7 @@ def disk_problem(used, free, max_mib):
     ``free`` bytes left (None: unknown), must be stopped, or None."""
     if used > max_mib << 20:
         return ("the task's files grew past the limit of %d MiB "
-                "(work --max-task-disk)" % max_mib)
+                "(--max-task-disk)" % max_mib)
     # A task that is only a small part of a full disk is not to blame.
     if free is not None and free < MIN_FREE_DISK_MIB << 20 and \
             used > MIN_FREE_DISK_MIB << 20:
@@ -6597,7 +6639,7 @@ class Heartbeat:
                     {"attempt": self.task["attempt"],
                      "worker": self.worker.worker_id,
                      "progress": self.progress})
-            except ServerUnreachable as error:
+            except (ServerUnreachable, TlsError) as error:
                 worker_log.warning("task %d: heartbeat failed (%s)",
                                    self.task["id"], error)
                 continue
@@ -7302,7 +7344,8 @@ def build_parser():
         default=DEFAULT_MAX_TASK_DISK_MIB, metavar="MIB",
         help="stop POV-Ray when the files of its task, the scene's copy "
         "included, grow past this many MiB, and report the task failed "
-        "(default %d; 0: no limit)" % DEFAULT_MAX_TASK_DISK_MIB)
+        "(default %d; 0: no limit, and no check of the free space)"
+        % DEFAULT_MAX_TASK_DISK_MIB)
 
     def add_parser(name, **options):
         parents = [verbose]

@@ -90,6 +90,17 @@ def make_zip(path, members):
     return path
 
 
+def fill_scene(path):
+    """Return a scene that writes about 260 MB to ``path``, 19 MB a
+    second on the test machine, unless something stops it."""
+    return (b'#fopen Fill "%s" write\n'
+            b"#declare Count = 0;\n"
+            b"#while (Count < 4000000)\n"
+            b'  #write (Fill, "%s\\n")\n'
+            b"  #declare Count = Count + 1;\n"
+            b"#end\n#fclose Fill\n" % (path, b"x" * 64)) + SPHERE_SCENE
+
+
 SPHERE_SCENE = b"""
 camera { location <0, 1, -4> look_at <0, 0.5, 0> }
 light_source { <3, 5, -4> color rgb 1 }
@@ -1572,16 +1583,8 @@ class FailureTest(unittest.TestCase):
         self.assertEqual(tasks["tasks"][0]["attempts"], 3)
 
     def test_task_disk_limit(self):
-        # The scene writes about 260 MB beside itself, 19 MB a second
-        # here, unless the worker stops it.
         with open(self.scene, "wb") as out:
-            out.write(b'#fopen Fill "fill.txt" write\n'
-                      b"#declare Count = 0;\n"
-                      b"#while (Count < 4000000)\n"
-                      b'  #write (Fill, "%s\\n")\n'
-                      b"  #declare Count = Count + 1;\n"
-                      b"#end\n#fclose Fill\n" % (b"x" * 64)
-                      + SPHERE_SCENE)
+            out.write(fill_scene(b"fill.txt"))
         job_id = self.submit("--", "+W32", "+H24")
         worker = self.work("--max-task-disk", "5")
         job = wait_for_job(self.client, job_id, 120)
@@ -1589,7 +1592,7 @@ class FailureTest(unittest.TestCase):
         self.assertIn("files grew past the limit of 5 MiB", job["error"])
         self.assertIsNone(worker.poll(), "the worker exited")
         tasks = os.path.join(self.folder, "w0", "tasks")
-        self.assertEqual(httpov.folder_bytes(tasks), 0,
+        self.assertEqual(os.listdir(tasks), [],
                          "the failed task's files were left behind")
 
     def test_killed_povray_named_by_signal(self):
@@ -2402,6 +2405,21 @@ class HostileInputTest(unittest.TestCase):
         status, _ = self.request("GET", "/api/jobs")
         self.assertEqual(status, 200)
 
+    def test_slow_form_body_cut_off(self):
+        # The job page's form needs no token until its body is read, so
+        # its body has the same deadline as any upload.
+        connection = socket.create_connection(("127.0.0.1",
+                                               self.server.port))
+        self.addCleanup(connection.close)
+        connection.sendall(b"POST /jobs/1/control HTTP/1.1\r\n"
+                           b"Content-Length: 1000\r\n\r\nc")
+        connection.settimeout(httpov.HEADER_TIMEOUT_SECONDS + 10)
+        started = time.time()
+        while connection.recv(4096):
+            pass
+        self.assertLess(time.time() - started,
+                        httpov.HEADER_TIMEOUT_SECONDS + 5)
+
     def test_names_are_escaped_on_status_page(self):
         name = "<script>alert('x')</script> \"quoted\" caf\u00e9 \u6f22"
         query = urllib.parse.urlencode({"name": name})
@@ -3070,6 +3088,54 @@ class ConnectionLimitTest(unittest.TestCase):
         response = self.wait_for_ok()
         self.assertTrue(response.startswith("HTTP/1.1 200"), response)
 
+    @needs_tool("openssl")
+    def test_tls_client_retries_when_over_limit(self):
+        # Before the handshake a 503 cannot be sent, and a TLS error
+        # would make a worker give up: the connection is closed instead.
+        folder = make_temp_dir(prefix="httpov-limits-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        cert, key = make_certificate(folder)
+        self.server = ServerProcess(
+            os.path.join(folder, "data"), scheme="https",
+            extra=["--tls-cert", cert, "--tls-key", key,
+                   "--max-address-connections", "1"])
+        self.addCleanup(self.server.stop)
+        held = self.idle_connection()
+        time.sleep(0.5)
+        client = httpov.ApiClient(self.server.url, self.server.admin,
+                                  cacert=cert)
+        self.addCleanup(client.close)
+        with self.assertRaises(httpov.ServerUnreachable):
+            client.call("GET", "/api/jobs")
+        held.close()
+        deadline = time.time() + 10
+        while True:
+            try:
+                jobs = client.call("GET", "/api/jobs")
+                break
+            except httpov.ServerUnreachable:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.assertEqual(jobs["jobs"], [])
+
+    def test_reset_connections_logged_briefly(self):
+        self.start_server(total=10, per_address=10)
+        for _ in range(5):
+            connection = socket.create_connection(("127.0.0.1",
+                                                   self.server.port), 10)
+            connection.sendall(b"GET /api/jobs HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.2)
+            # A zero linger time makes close() reset the connection.
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                  struct.pack("ii", 1, 0))
+            connection.close()
+        response = self.wait_for_ok()
+        self.assertTrue(response.startswith("HTTP/1.1 200"), response)
+        with open(self.server.log_path) as log:
+            self.assertFalse("Traceback" in log.read(),
+                             "a reset connection logged a traceback")
+
     def test_total_limit(self):
         self.start_server(total=2, per_address=10)
         first = self.idle_connection()
@@ -3086,19 +3152,30 @@ class ConnectionLimitTest(unittest.TestCase):
 class DiskLimitTest(unittest.TestCase):
     """The worker measures a task's files and the disk they are on."""
 
-    def test_folder_bytes_skips_links(self):
+    def make_folder(self):
         folder = make_temp_dir(prefix="httpov-disk-")
         self.addCleanup(shutil.rmtree, folder, True)
+        return folder
+
+    def test_folder_bytes_skips_links(self):
+        folder = self.make_folder()
         os.makedirs(os.path.join(folder, "a", "b"))
         with open(os.path.join(folder, "a", "b", "one"), "wb") as out:
-            out.write(b"x" * 1000)
-        with open(os.path.join(folder, "two"), "wb") as out:
-            out.write(b"y" * 24)
+            out.write(b"x" * 100000)
         os.symlink("/usr/bin", os.path.join(folder, "linked-folder"))
         os.symlink(sys.executable, os.path.join(folder, "linked-file"))
-        # A link counts as itself, and a linked folder is not entered.
-        link = os.lstat(os.path.join(folder, "linked-file")).st_size
-        self.assertEqual(httpov.folder_bytes(folder), 1024 + link)
+        counted = httpov.folder_bytes(folder)
+        self.assertGreaterEqual(counted, 100000)
+        self.assertLess(counted, 1 << 20, "a link was followed")
+
+    @unittest.skipUnless(hasattr(os.stat_result, "st_blocks"),
+                         "this system reports no blocks")
+    def test_tiny_files_count_as_blocks(self):
+        folder = self.make_folder()
+        for number in range(200):
+            with open(os.path.join(folder, str(number)), "wb") as out:
+                out.write(b"x")
+        self.assertGreaterEqual(httpov.folder_bytes(folder), 200 * 512)
 
     def test_limit_broken(self):
         problem = httpov.disk_problem(11 << 20, 100 << 30, 10)
@@ -3180,7 +3257,7 @@ class SandboxTest(unittest.TestCase):
             out.write('"top secret"')
         os.chmod(self.secret, 0o644)
 
-    def run_job(self, scene_text, sandbox):
+    def run_job(self, scene_text, sandbox, *options):
         folder = os.path.join(self.folder, "job-" + sandbox)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "scene.pov"), "wb") as out:
@@ -3193,8 +3270,8 @@ class SandboxTest(unittest.TestCase):
         workdir = os.path.join(self.folder, "w-" + sandbox)
         result = run_cli("work", self.server.url, "--token",
                          self.server.worker, "--workdir", workdir,
-                         "--sandbox", sandbox, "--once", env=environment,
-                         timeout=60)
+                         "--sandbox", sandbox, "--once", *options,
+                         env=environment, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         tasks = self.client.call("GET", "/api/jobs/%d" % job_id)
         return tasks, workdir
@@ -3218,6 +3295,15 @@ class SandboxTest(unittest.TestCase):
         self.assertEqual(job["tasks_done"], 0)
         error = self.task_error(job["id"])
         self.assertIn("secret.txt", error)
+
+    def test_shared_memory_counts_toward_disk_limit(self):
+        # /dev/shm would be memory outside the task folder, where the
+        # disk limit does not look.
+        job, _ = self.run_job(fill_scene(b"/dev/shm/fill.txt"), "bwrap",
+                              "--max-task-disk", "5")
+        self.assertEqual(job["tasks_done"], 0)
+        self.assertIn("files grew past the limit of 5 MiB",
+                      self.task_error(job["id"]))
 
     def test_without_sandbox_home_is_readable(self):
         # The same scene reads the file when nothing confines it, so the
