@@ -3531,9 +3531,11 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(data, "application/json", status, headers)
 
     def send_bytes(self, data, content_type, status=200, headers=None):
-        if not self.body_read and self.command in ("POST", "PUT", "PATCH") \
-                and self.headers.get("Content-Length", "0") != "0":
-            # An unread body would be taken for the next request.
+        if not self.body_read and (
+                self.headers.get("Content-Length", "0").strip() != "0" or
+                self.headers.get("Transfer-Encoding")):
+            # An unread body, whatever the method, would be taken for the
+            # next request.
             self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)

@@ -2405,6 +2405,25 @@ class HostileInputTest(unittest.TestCase):
         status, _ = self.request("GET", "/api/jobs")
         self.assertEqual(status, 200)
 
+    def test_unread_body_of_any_method_closes(self):
+        # The body is a request of its own. Left unread on a kept
+        # connection, it would be answered as the next request.
+        smuggled = b"GET /api/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n"
+        for method in (b"DELETE", b"GET", b"OPTIONS"):
+            connection = socket.create_connection(("127.0.0.1",
+                                                   self.server.port), 10)
+            self.addCleanup(connection.close)
+            connection.sendall(method + b" /api/jobs HTTP/1.1\r\nHost: x"
+                               b"\r\nContent-Length: %d\r\n\r\n"
+                               % len(smuggled) + smuggled)
+            connection.settimeout(5)
+            received = []
+            for chunk in iter(lambda: connection.recv(4096), b""):
+                received.append(chunk)
+            response = b"".join(received).decode("latin-1")
+            self.assertEqual(response.count("HTTP/1.1 "), 1, response)
+            self.assertIn("Connection: close", response)
+
     def test_slow_form_body_cut_off(self):
         # The job page's form needs no token until its body is read, so
         # its body has the same deadline as any upload.
