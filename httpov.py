@@ -3465,16 +3465,23 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
                            "limit of %d bytes" % (length, limit))
         return length
 
-    def read_small_body(self, length):
-        """Read a body kept in memory, under the same deadline as an
-        upload, so that a slow sender cannot hold the connection."""
+    @contextlib.contextmanager
+    def body_deadline(self, length):
+        """Cut the connection off if a body of ``length`` bytes comes
+        slower than MIN_UPLOAD_BYTES_PER_SECOND, so that a slow sender
+        cannot hold it."""
         self.server.deadlines.watch(
             self.connection, HEADER_TIMEOUT_SECONDS +
             length / MIN_UPLOAD_BYTES_PER_SECOND)
         try:
-            data = self.rfile.read(length)
+            yield
         finally:
             self.server.deadlines.forget(self.connection)
+
+    def read_small_body(self, length):
+        """Read a body kept in memory, under the upload deadline."""
+        with self.body_deadline(length):
+            data = self.rfile.read(length)
         self.body_read = True
         return data
 
@@ -3498,12 +3505,9 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         """Stream the request body into a file under the data folder."""
         length = self.content_length(limit)
         path = self.farm.temp_path(suffix)
-        self.server.deadlines.watch(
-            self.connection, HEADER_TIMEOUT_SECONDS +
-            length / MIN_UPLOAD_BYTES_PER_SECOND)
         try:
             left = length
-            with open(path, "wb") as target:
+            with self.body_deadline(length), open(path, "wb") as target:
                 while left:
                     chunk = self.rfile.read(min(left, COPY_CHUNK_BYTES))
                     if not chunk:
@@ -3515,8 +3519,6 @@ class FarmRequestHandler(http.server.BaseHTTPRequestHandler):
         except BaseException:
             remove_quietly(path)
             raise
-        finally:
-            self.server.deadlines.forget(self.connection)
         self.body_read = True
         return path
 
@@ -7212,28 +7214,21 @@ def show_render_progress(job, elapsed, last_line):
     return line
 
 
-def positive_int(text):
-    """argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid number %r" % text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1, not %d"
-                                         % value)
-    return value
+def whole_number(minimum):
+    """argparse type factory: a whole number of at least ``minimum``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("invalid number %r" % text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError("must be at least %d, not %d"
+                                             % (minimum, value))
+        return value
+    return parse
 
 
-def whole_number(text):
-    """argparse type: a whole number of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid number %r" % text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be at least 0, not %d"
-                                         % value)
-    return value
+positive_int = whole_number(1)
 
 
 def port_number(text):
@@ -7342,7 +7337,7 @@ def build_parser():
         metavar="MIB", help="address space of POV-Ray in MiB (default "
         "%d + %d per thread)" % (DEFAULT_MEMORY_MIB, MEMORY_MIB_PER_THREAD))
     render_options.add_argument(
-        "--max-task-disk", type=whole_number, dest="max_task_disk",
+        "--max-task-disk", type=whole_number(0), dest="max_task_disk",
         default=DEFAULT_MAX_TASK_DISK_MIB, metavar="MIB",
         help="stop POV-Ray when the files of its task, the scene's copy "
         "included, grow past this many MiB, and report the task failed "
