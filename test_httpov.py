@@ -1096,6 +1096,15 @@ class CommandLineTest(unittest.TestCase):
 # 6.-9. Server, client, worker and CLI, end to end on loopback
 # ---------------------------------------------------------------------------
 
+def read_until_closed(connection):
+    """Return what the server sends until it closes the connection, as
+    text. Headers and body may arrive in separate packets."""
+    received = []
+    for chunk in iter(lambda: connection.recv(4096), b""):
+        received.append(chunk)
+    return b"".join(received).decode("latin-1")
+
+
 def run_cli(*arguments, env=None, timeout=300):
     """Run ``httpov.py`` with arguments; return the CompletedProcess."""
     return subprocess.run(
@@ -2407,7 +2416,7 @@ class HostileInputTest(unittest.TestCase):
 
     def test_unread_body_of_any_method_closes(self):
         # The body is a request of its own. Left unread on a kept
-        # connection, it would be answered as the next request.
+        # connection, it would be handled as the next request.
         smuggled = b"GET /api/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n"
         for method in (b"DELETE", b"GET", b"OPTIONS"):
             connection = socket.create_connection(("127.0.0.1",
@@ -2417,10 +2426,7 @@ class HostileInputTest(unittest.TestCase):
                                b"\r\nContent-Length: %d\r\n\r\n"
                                % len(smuggled) + smuggled)
             connection.settimeout(5)
-            received = []
-            for chunk in iter(lambda: connection.recv(4096), b""):
-                received.append(chunk)
-            response = b"".join(received).decode("latin-1")
+            response = read_until_closed(connection)
             self.assertEqual(response.count("HTTP/1.1 "), 1, response)
             self.assertIn("Connection: close", response)
 
@@ -2866,12 +2872,7 @@ class SubmitPageTest(unittest.TestCase):
                            b"\r\nContent-Length: 100000000\r\n\r\n"
                            + body_start)
         time.sleep(0.5)
-        # Headers and body may arrive in separate packets, so the response
-        # is read until the server closes the connection.
-        received = []
-        for chunk in iter(lambda: connection.recv(4096), b""):
-            received.append(chunk)
-        return b"".join(received).decode("latin-1")
+        return read_until_closed(connection)
 
     def test_submit_without_session_reads_no_body(self):
         # The response must not wait for a body that never comes.
@@ -3078,11 +3079,9 @@ class ConnectionLimitTest(unittest.TestCase):
         connection = self.idle_connection()
         connection.sendall(b"GET /api/openapi.json HTTP/1.1\r\nHost: x\r\n"
                            b"Connection: close\r\n\r\n")
-        received = []
-        for chunk in iter(lambda: connection.recv(4096), b""):
-            received.append(chunk)
+        response = read_until_closed(connection)
         connection.close()
-        return b"".join(received).decode("latin-1")
+        return response
 
     def wait_for_ok(self):
         deadline = time.time() + 10
@@ -3093,19 +3092,25 @@ class ConnectionLimitTest(unittest.TestCase):
             response = self.get()
         return response
 
-    def test_address_limit(self):
-        self.start_server(total=10, per_address=2)
+    def assert_third_connection_rejected(self, message):
+        """Hold two idle connections, check that a request on a third
+        gets 503 with ``message``, and that one succeeds once the first
+        is closed."""
         first = self.idle_connection()
         self.idle_connection()
         time.sleep(0.5)
         response = self.get()
         self.assertTrue(response.startswith("HTTP/1.1 503"), response)
         self.assertIn("Retry-After: 5", response)
-        self.assertIn("too many connections from 127.0.0.1; try again",
-                      response)
+        self.assertIn(message, response)
         first.close()
         response = self.wait_for_ok()
         self.assertTrue(response.startswith("HTTP/1.1 200"), response)
+
+    def test_address_limit(self):
+        self.start_server(total=10, per_address=2)
+        self.assert_third_connection_rejected(
+            "too many connections from 127.0.0.1; try again")
 
     @needs_tool("openssl")
     def test_tls_client_retries_when_over_limit(self):
@@ -3119,14 +3124,14 @@ class ConnectionLimitTest(unittest.TestCase):
             extra=["--tls-cert", cert, "--tls-key", key,
                    "--max-address-connections", "1"])
         self.addCleanup(self.server.stop)
-        held = self.idle_connection()
+        occupying = self.idle_connection()
         time.sleep(0.5)
         client = httpov.ApiClient(self.server.url, self.server.admin,
                                   cacert=cert)
         self.addCleanup(client.close)
         with self.assertRaises(httpov.ServerUnreachable):
             client.call("GET", "/api/jobs")
-        held.close()
+        occupying.close()
         deadline = time.time() + 10
         while True:
             try:
@@ -3157,15 +3162,8 @@ class ConnectionLimitTest(unittest.TestCase):
 
     def test_total_limit(self):
         self.start_server(total=2, per_address=10)
-        first = self.idle_connection()
-        self.idle_connection()
-        time.sleep(0.5)
-        response = self.get()
-        self.assertTrue(response.startswith("HTTP/1.1 503"), response)
-        self.assertIn('"too many connections; try again"', response)
-        first.close()
-        response = self.wait_for_ok()
-        self.assertTrue(response.startswith("HTTP/1.1 200"), response)
+        self.assert_third_connection_rejected(
+            '"too many connections; try again"')
 
 
 class DiskLimitTest(unittest.TestCase):
