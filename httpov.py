@@ -7073,8 +7073,9 @@ def command_fetch(args):
         paused_reported = job["state"] == "paused"
         time.sleep(FETCH_POLL_SECONDS)
     if len(fetched) == job["frames"]:
-        print("job %d: all %d frames in %s" % (args.job, len(fetched),
-                                               args.output))
+        print("job %d: all %s in %s" % (args.job,
+                                        plural(len(fetched), "frame"),
+                                        args.output))
         return 0
     message = ("job %d is %s: %d of %d frames fetched into %s"
                % (args.job, job["state"], len(fetched), job["frames"],
@@ -7178,8 +7179,8 @@ def command_render(args):
             for task in job["failed_tasks"][:5]:
                 lines.append("  task %d: %s" % (task["id"], task["error"]))
             raise CommandError("\n".join(lines))
-        print("%d frames in %s (%.1f s)" % (len(fetched), args.output,
-                                            time.time() - started))
+        print("%s in %s (%.1f s)" % (plural(len(fetched), "frame"),
+                                     args.output, time.time() - started))
         return 0
     except KeyboardInterrupt:
         sys.stderr.write("\nrender interrupted\n")
