@@ -6242,8 +6242,8 @@ class Worker:
                          " ".join(command))
 
         process = self.start_povray(command, scene_dir, environment)
-        watchdog = Watchdog(self, self.max_task_seconds, self.stall_seconds,
-                            task_dir, self.max_disk_mib)
+        watchdog = Watchdog(self, task_label(task), self.max_task_seconds,
+                            self.stall_seconds, task_dir, self.max_disk_mib)
         log_file = os.path.join(output_dir, WINDOWS_LOG_FILE)
         if windows:
             watchdog.output_file = log_file
@@ -6521,9 +6521,10 @@ class Watchdog:
     folder, which contains everything a sandboxed POV-Ray can write.
     """
 
-    def __init__(self, worker, max_seconds, stall_seconds, task_dir=None,
-                 max_disk_mib=0):
+    def __init__(self, worker, label, max_seconds, stall_seconds,
+                 task_dir=None, max_disk_mib=0):
         self.worker = worker
+        self.label = label          # the task, for the log
         self.max_seconds = max_seconds
         self.stall_seconds = stall_seconds
         self.task_dir = task_dir
@@ -6541,7 +6542,8 @@ class Watchdog:
         while not self.stopped.wait(1.0):
             self.reason = self.broken_limit(time.monotonic())
             if self.reason:
-                worker_log.warning("stopping POV-Ray: %s", self.reason)
+                worker_log.warning("%s: stopping POV-Ray: %s", self.label,
+                                   self.reason)
                 self.worker.terminate_povray()
                 return
 

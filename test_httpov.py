@@ -1599,6 +1599,9 @@ class FailureTest(unittest.TestCase):
         job = wait_for_job(self.client, job_id, 120)
         self.assertEqual(job["state"], "failed")
         self.assertIn("files grew past the limit of 5 MiB", job["error"])
+        with open(os.path.join(self.folder, "w0.log")) as log:
+            self.assertRegex(log.read(), r"job %d task \d+ .*: stopping "
+                             r"POV-Ray: the task's files grew" % job_id)
         self.assertIsNone(worker.poll(), "the worker exited")
         tasks = os.path.join(self.folder, "w0", "tasks")
         self.assertEqual(os.listdir(tasks), [],
